@@ -1,0 +1,436 @@
+"""Splits: which weights form the fit hypothesis and which the reset hypothesis.
+
+A split maps every parameter it touches to a bool mask of the same shape, True meaning
+"fit hypothesis" (kept bit for bit across generations) and False "reset hypothesis"
+(re-initialised at every generation). Two methods, as in Knowledge Evolution:
+
+* KELS, kernel-level: the fit is the first ``ceil(rate*C)`` channels of every layer, so it is
+  a slim dense sub-network that can be cut out (``kecompress.slice_fit``). Channels that are
+  coupled (residual adds, concatenations, depthwise and grouped convolutions, flatten into a
+  linear layer) are decided once per coupled group of torch-pruning's dependency graph.
+* WELS, weight-level: every conv and linear weight is in the fit with probability ``rate``.
+  The fit is sparse, not slim: dense runtimes do not run it any faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import KecompressError
+
+METHODS = ("kels", "wels")
+
+_CONV = nn.modules.conv._ConvNd
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+# Layers whose parameters KELS knows how to split along channels.
+SPLITTABLE_LAYERS = (_CONV, nn.Linear, *_NORM, nn.PReLU)
+
+
+@dataclass
+class Split:
+    """The masks of one split, and how they were made.
+
+    Attributes:
+        method: ``"kels"`` or ``"wels"``.
+        rate: the split rate in (0, 1]: the fraction of channels (KELS) or weights (WELS) in the fit.
+        seed: the seed the split was drawn with (WELS draws from it; KELS is deterministic).
+        masks: parameter name (as in ``model.named_parameters()``) -> bool tensor of that
+            parameter's shape, True = fit hypothesis.
+
+    Example:
+        >>> import torchvision
+        >>> s = split(torchvision.models.resnet18(num_classes=10), "kels", 0.5,
+        ...           example_inputs=torch.randn(1, 3, 64, 64))
+        >>> s.masks["conv1.weight"].shape
+        torch.Size([64, 3, 7, 7])
+        >>> round(s.fit_fraction(), 2)
+        0.25
+    """
+
+    method: str
+    rate: float
+    seed: int = 0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def fit_count(self) -> int:
+        """Number of parameter entries in the fit hypothesis.
+
+        Example:
+            >>> Split("wels", 0.5, masks={"w": torch.tensor([True, False])}).fit_count()
+            1
+        """
+        return sum(int(mask.sum()) for mask in self.masks.values())
+
+    def total_count(self) -> int:
+        """Number of parameter entries the split covers (fit and reset together).
+
+        Example:
+            >>> Split("wels", 0.5, masks={"w": torch.tensor([True, False])}).total_count()
+            2
+        """
+        return sum(mask.numel() for mask in self.masks.values())
+
+    def fit_fraction(self) -> float:
+        """Fraction of the covered parameter entries that are in the fit hypothesis.
+
+        Example:
+            >>> Split("wels", 0.5, masks={"w": torch.tensor([True, False])}).fit_fraction()
+            0.5
+        """
+        return self.fit_count() / max(self.total_count(), 1)
+
+    def check_matches(self, model: nn.Module) -> None:
+        """Raise a KecompressError unless every mask names a parameter of ``model`` with its shape.
+
+        Example:
+            >>> model = nn.Linear(3, 2)
+            >>> split(model, "wels", 0.5).check_matches(model)
+        """
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            if name not in params:
+                raise KecompressError(
+                    f"the split names parameter '{name}', which this model does not have: "
+                    "the split was made for another model; split this model instead")
+            if params[name].shape != mask.shape:
+                raise KecompressError(
+                    f"the split's mask for '{name}' has shape {tuple(mask.shape)} but the model's "
+                    f"parameter has {tuple(params[name].shape)}: the split was made for another model")
+
+    def to_dict(self) -> dict:
+        """A plain dict of tensors and numbers, loadable with ``torch.load(weights_only=True)``.
+
+        Example:
+            >>> Split("wels", 0.5).to_dict()["method"]
+            'wels'
+        """
+        return {"method": self.method, "rate": self.rate, "seed": self.seed, "masks": dict(self.masks)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Split":
+        """Rebuild a Split from :meth:`to_dict`'s output.
+
+        Example:
+            >>> Split.from_dict(Split("wels", 0.5).to_dict()).rate
+            0.5
+        """
+        try:
+            return cls(method=str(state["method"]), rate=float(state["rate"]), seed=int(state["seed"]),
+                       masks={str(k): v.bool() for k, v in state["masks"].items()})
+        except (KeyError, TypeError, AttributeError) as error:
+            raise KecompressError(f"not a kecompress split ({error!r}): make one with kecompress.split") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the split to ``path`` (a torch file of plain tensors).
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "split.pt")
+            >>> Split("wels", 0.5).save(path)
+        """
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Split":
+        """Read a split written by :meth:`save`; never runs code from the file.
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "split.pt")
+            >>> Split("wels", 0.5).save(path)
+            >>> Split.load(path).method
+            'wels'
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a bad file
+            raise KecompressError(f"cannot read split file {path}: {error.__class__.__name__}; "
+                                  "it must be a split saved by kecompress") from None
+        if not isinstance(state, dict):
+            raise KecompressError(f"{path} does not hold a kecompress split")
+        return cls.from_dict(state)
+
+
+def check_rate(rate) -> float:
+    """Return ``rate`` as a float, or raise a KecompressError unless it is a number in (0, 1].
+
+    Example:
+        >>> check_rate("0.5")
+        0.5
+    """
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        raise KecompressError(f"split rate must be a number in (0, 1], got {rate!r}: e.g. 0.5") from None
+    if not 0.0 < value <= 1.0 or math.isnan(value):
+        raise KecompressError(f"split rate must be in (0, 1], got {value}: e.g. 0.5")
+    return value
+
+
+def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed: int = 0) -> Split:
+    """Split ``model`` into a fit and a reset hypothesis.
+
+    Args:
+        model: any PyTorch network. It is not modified (KELS runs one traced forward pass).
+        method: ``"kels"`` (kernel-level, gives a slim fit that can be cut out) or ``"wels"``
+            (weight-level, gives a sparse fit).
+        rate: split rate in (0, 1]; 1 puts everything in the fit.
+        example_inputs: an input the model accepts, for tracing (KELS only). When absent, a
+            224x224 image batch of one is made from the first layer's input channels.
+        seed: WELS draws its Bernoulli masks from a generator seeded with this.
+
+    Returns:
+        A :class:`Split` whose ``masks`` cover every conv and linear layer (and, for KELS,
+        every normalisation layer).
+
+    Raises:
+        KecompressError: unknown method, a rate outside (0, 1], or (KELS) a model that the
+            dependency graph cannot split, naming the layer.
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.mobilenet_v2(num_classes=10)
+        >>> s = split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 64, 64))
+        >>> s.masks["classifier.1.weight"].sum(0).unique().tolist()  # all 10 logits, half the inputs
+        [0, 10]
+    """
+    rate = check_rate(rate)
+    method = str(method).lower()
+    if method == "kels":
+        masks = _kels_masks(model, rate, example_inputs)
+    elif method == "wels":
+        masks = _wels_masks(model, rate, seed)
+    else:
+        raise KecompressError(f"unknown split method {method!r}: use 'kels' or 'wels'")
+    return Split(method=method, rate=rate, seed=int(seed), masks=masks)
+
+
+def _wels_masks(model: nn.Module, rate: float, seed: int) -> dict[str, torch.Tensor]:
+    # One generator for the whole model, walked in parameter order: same seed, same masks.
+    generator = torch.Generator().manual_seed(int(seed))
+    masks = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (_CONV, nn.Linear)):
+            weight = module.weight
+            name = f"{module_name}.weight" if module_name else "weight"
+            masks[name] = torch.rand(weight.shape, generator=generator) < rate
+    return masks
+
+
+def default_example_inputs(model: nn.Module) -> torch.Tensor:
+    """An input batch of one for ``model``, guessed from its first layer.
+
+    Example:
+        >>> default_example_inputs(nn.Sequential(nn.Conv2d(1, 4, 3))).shape
+        torch.Size([1, 1, 224, 224])
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d):
+            return torch.randn(1, module.in_channels, 224)
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(1, module.in_channels, 224, 224)
+        if isinstance(module, nn.Conv3d):
+            return torch.randn(1, module.in_channels, 16, 112, 112)
+        if isinstance(module, nn.Linear):
+            return torch.randn(1, module.in_features)
+    raise KecompressError("cannot guess an input for this model: pass example_inputs")
+
+
+def trace_dependency_graph(model: nn.Module, example_inputs=None) -> tp.DependencyGraph:
+    """Build torch-pruning's dependency graph of ``model``, with errors a user can act on.
+
+    The model's train/eval mode and parameters are left as they were.
+
+    Example:
+        >>> graph = trace_dependency_graph(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> len(graph.module2node) > 0
+        True
+    """
+    _check_splittable_layers(model)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except KecompressError:
+        raise
+    except Exception as error:
+        raise KecompressError(
+            f"the dependency graph could not trace the model ({error.__class__.__name__}: {error}); "
+            "pass example_inputs the model accepts, or use the WELS split") from None
+    finally:
+        model.train(was_training)
+
+
+def _check_splittable_layers(model: nn.Module) -> None:
+    """Refuse parameters that KELS cannot place on a channel, naming their layer."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, SPLITTABLE_LAYERS):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            # A per-channel vector (a layer scale, say) follows its channels unambiguously;
+            # anything else would be split along a guessed dimension, i.e. silently wrong.
+            if sum(size > 1 for size in param.shape) > 1:
+                raise KecompressError(
+                    f"layer '{module_name}' ({module.__class__.__name__}) holds parameter "
+                    f"'{param_name}' of shape {tuple(param.shape)}, which KELS cannot split along "
+                    "channels: use the WELS split for this model")
+
+
+def _kels_masks(model: nn.Module, rate: float, example_inputs) -> dict[str, torch.Tensor]:
+    graph = trace_dependency_graph(model, example_inputs)
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    masks = {}
+    for module in model.modules():
+        if isinstance(module, SPLITTABLE_LAYERS):
+            for param in module.parameters(recurse=False):
+                masks[name_of[id(param)]] = torch.ones(param.shape, dtype=torch.bool)
+    for unwrapped in graph.unwrapped_parameters:
+        masks[name_of[id(unwrapped.parameters)]] = torch.ones(unwrapped.parameters.shape, dtype=torch.bool)
+
+    for group, kept in kels_groups(graph, rate):
+        for item in group.items:
+            reset = [idx for idx, root in zip(item.idxs, item.root_idxs) if root not in kept]
+            if reset:
+                _mark_reset(graph, masks, name_of, item.dep, reset)
+    return masks
+
+
+def kels_groups(graph: tp.DependencyGraph, rate: float):
+    """Yield ``(group, fit_root_channels)`` for every coupled channel group that KELS splits.
+
+    ``group`` is a torch-pruning group with full indices; ``fit_root_channels`` is the set of
+    its root layer's channels in the fit. Groups that reach the model's output (the logits)
+    stay whole and are not yielded. The graph may be pruned between two steps of the
+    iteration, one group at a time, which is how :func:`kecompress.slice_fit` cuts each
+    coupled group exactly once.
+
+    Example:
+        >>> graph = trace_dependency_graph(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
+        >>> [sorted(kept) for _, kept in kels_groups(graph, 0.5)]
+        [[0, 1, 2]]
+    """
+    output_layers = _output_layers(graph)
+    for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
+        if any(item.dep.target.module in output_layers and graph.is_out_channel_pruning_fn(item.dep.handler)
+               for item in group.items):
+            continue
+        channels = len(group.items[0].idxs)
+        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels))
+
+
+def _output_layers(graph: tp.DependencyGraph) -> set:
+    """The conv and linear layers whose channels are the model's outputs (the logits).
+
+    Walks back from the graph's terminal nodes through operations without weights (and
+    normalisation layers) to the first conv or linear layer on each path.
+    """
+    stack = [node for node in graph.module2node.values() if not node.outputs]
+    seen, layers = set(), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node.module, (_CONV, nn.Linear)):
+            layers.add(node.module)
+        else:
+            stack.extend(node.inputs)
+    return layers
+
+
+def fit_channels(channels: int, rate: float, blocks: int = 1) -> set[int]:
+    """The channels of a coupled group that belong to the fit hypothesis.
+
+    The first ``ceil(rate * channels / blocks)`` channels of each of ``blocks`` equal blocks:
+    a grouped convolution must keep the same number of channels in every group.
+
+    Example:
+        >>> sorted(fit_channels(8, 0.5))
+        [0, 1, 2, 3]
+        >>> sorted(fit_channels(8, 0.5, blocks=2))
+        [0, 1, 4, 5]
+    """
+    size = channels // blocks
+    keep = math.ceil(rate * size)
+    return {block * size + offset for block in range(blocks) for offset in range(keep)}
+
+
+def _channel_blocks(graph: tp.DependencyGraph, group, channels: int) -> int:
+    """How many equal blocks the group's channels fall into: the lcm of its layers' groups."""
+    blocks = 1
+    for item in group.items:
+        module = item.dep.target.module
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or _is_depthwise(module):  # depthwise: every channel its own group
+            continue
+        if graph.is_out_channel_pruning_fn(item.dep.handler):
+            blocks = math.lcm(blocks, pruner.get_out_channel_groups(module))
+        else:
+            blocks = math.lcm(blocks, pruner.get_in_channel_groups(module))
+    if channels % blocks:
+        raise KecompressError(
+            f"cannot split {channels} coupled channels into {blocks} equal groups (layer "
+            f"'{graph._module2name.get(group.items[0].dep.target.module, '?')}'): use the WELS split")
+    return blocks
+
+
+def _is_depthwise(module) -> bool:
+    return isinstance(module, _CONV) and module.groups == module.out_channels and module.groups > 1
+
+
+def _mark_reset(graph, masks, name_of, dep, reset: list[int]) -> None:
+    """Set the masks of the entries that channels ``reset`` of ``dep``'s layer touch to False."""
+    module = dep.target.module
+    idx = torch.tensor(sorted(set(reset)))
+    if isinstance(module, nn.Parameter):
+        masks[name_of[id(module)]].index_fill_(dep.target.pruning_dim, idx, False)
+        return
+    if not isinstance(module, SPLITTABLE_LAYERS):
+        return  # an operation without parameters (add, concat, reshape, ...)
+    weight_mask = masks[name_of[id(module.weight)]] if getattr(module, "weight", None) is not None else None
+    bias_mask = masks[name_of[id(module.bias)]] if getattr(module, "bias", None) is not None else None
+    is_output = graph.is_out_channel_pruning_fn(dep.handler)
+
+    if isinstance(module, _CONV):
+        if _is_depthwise(module):  # input channel i is output channel i
+            weight_mask[idx] = False
+            if bias_mask is not None:
+                bias_mask[idx] = False
+        elif is_output:
+            _mark_conv_channels(module, weight_mask, idx, out=True)
+            if bias_mask is not None:
+                bias_mask[idx] = False
+        else:
+            _mark_conv_channels(module, weight_mask, idx, out=False)
+    elif isinstance(module, nn.Linear):
+        if is_output:
+            weight_mask[idx] = False
+            if bias_mask is not None:
+                bias_mask[idx] = False
+        else:
+            weight_mask[:, idx] = False
+    else:  # normalisation layers and PReLU: per-channel parameters, channels on the last dim for LayerNorm
+        for mask in (weight_mask, bias_mask):
+            if mask is not None and mask.numel() > 1:
+                mask.index_fill_(mask.dim() - 1 if isinstance(module, nn.LayerNorm) else 0, idx, False)
+
+
+def _mark_conv_channels(conv: nn.Module, weight_mask: torch.Tensor, idx: torch.Tensor, out: bool) -> None:
+    # A conv weight is (out, in/groups, *k), a transposed one (in, out/groups, *k): dim 0 holds
+    # one side's channels in full, dim 1 the other side's position inside its group.
+    if out != conv.transposed:
+        weight_mask[idx] = False
+        return
+    per_group = (conv.out_channels if out else conv.in_channels) // conv.groups
+    rows_per_group = weight_mask.shape[0] // conv.groups
+    for channel in idx.tolist():
+        group, position = divmod(channel, per_group)
+        weight_mask[group * rows_per_group:(group + 1) * rows_per_group, position] = False
