@@ -93,6 +93,11 @@ class Split:
             >>> split(model, "wels", 0.5).check_matches(model)
         """
         params = dict(model.named_parameters())
+        missing = sorted(set(_covered_parameters(model, self.method)) - set(self.masks))
+        if missing:
+            raise KecompressError(
+                f"the split has no mask for parameter '{missing[0]}' of this model: "
+                "the split was made for another model; split this model instead")
         for name, mask in self.masks.items():
             if name not in params:
                 raise KecompressError(
@@ -211,16 +216,21 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
     return Split(method=method, rate=rate, seed=int(seed), masks=masks)
 
 
+def _covered_parameters(model: nn.Module, method: str) -> list[str]:
+    """Names of the parameters a split of ``model`` by ``method`` has masks for."""
+    if method == "wels":
+        return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+                if isinstance(module, (_CONV, nn.Linear))]
+    return [name for name, _ in model.named_parameters()]
+
+
 def _wels_masks(model: nn.Module, rate: float, seed: int) -> dict[str, torch.Tensor]:
     # One generator for the whole model, walked in parameter order: same seed, same masks.
     generator = torch.Generator().manual_seed(int(seed))
-    masks = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, (_CONV, nn.Linear)):
-            weight = module.weight
-            name = f"{module_name}.weight" if module_name else "weight"
-            masks[name] = torch.rand(weight.shape, generator=generator) < rate
-    return masks
+    shapes = {f"{name}.weight" if name else "weight": module.weight.shape
+              for name, module in model.named_modules() if isinstance(module, (_CONV, nn.Linear))}
+    return {name: torch.rand(shapes[name], generator=generator) < rate
+            for name in _covered_parameters(model, "wels")}
 
 
 def default_example_inputs(model: nn.Module) -> torch.Tensor:

@@ -1,0 +1,354 @@
+"""The generation loop of Knowledge Evolution: train, evaluate dense and fit, reset, repeat.
+
+Generation 1 trains the dense network. Every later generation starts from the previous
+generation's weights, re-draws the reset hypothesis (:func:`kecompress.reset_`), keeps the fit
+hypothesis bit for bit, and trains the whole network again with a new optimizer and the
+learning-rate schedule from its start. After every generation the dense network and the fit
+hypothesis are evaluated; a target metric for the fit hypothesis can end the run early.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from .errors import KecompressError
+from .files import save_json, save_torch
+from .prune import fit_hypothesis
+from .reset import reset_
+from .slim import slice_fit
+from .split import Split
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of every generation (each generation uses the same ones).
+
+    Example:
+        >>> TrainingConfig(generations=3, epochs=2).lr
+        0.1
+    """
+
+    generations: int = 5
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    seed: int = 0
+    target: float | None = None  # a fit-hypothesis metric at which the run stops early
+
+    def __post_init__(self):
+        for name in ("generations", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise KecompressError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise KecompressError(f"learning rate must be a positive number, got {self.lr}: e.g. --lr 0.1")
+        if self.weight_decay < 0:
+            raise KecompressError(f"weight decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise KecompressError(
+                f"warm-up epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} epochs")
+
+
+class Reporter(Protocol):
+    """What the loop tells about its progress; the command line shows it with rich."""
+
+    def generation_started(self, generation: int, epochs: int, steps_per_epoch: int) -> None: ...
+    def epoch_started(self, generation: int, epoch: int) -> None: ...
+    def step_done(self, loss: float, samples: int) -> None: ...
+    def generation_done(self, record: dict) -> None: ...
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy of a batch of logits, as a fraction in [0, 1].
+
+    Example:
+        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0]))
+        0.5
+    """
+    return (outputs.argmax(dim=1) == targets).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric_fn: Callable,
+             device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Mean loss and mean metric of ``model`` over ``loader``, in eval mode (then restored).
+
+    Example:
+        >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+        >>> loss, acc = evaluate(nn.Linear(3, 2), data, nn.CrossEntropyLoss(), accuracy)
+        >>> 0.0 <= acc <= 1.0
+        True
+    """
+    was_training = model.training
+    model.eval()
+    total_loss = total_metric = count = 0.0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        outputs = model(inputs)
+        batch = len(inputs)
+        total_loss += loss_fn(outputs, targets).item() * batch
+        total_metric += metric_fn(outputs, targets) * batch
+        count += batch
+    model.train(was_training)
+    return total_loss / max(count, 1), total_metric / max(count, 1)
+
+
+def make_optimizer(model: nn.Module, config: TrainingConfig, steps_per_epoch: int):
+    """A fresh SGD optimizer and its per-step schedule: linear warm-up, then cosine to zero.
+
+    Example:
+        >>> opt, schedule = make_optimizer(nn.Linear(2, 2), TrainingConfig(epochs=2), steps_per_epoch=5)
+        >>> opt.param_groups[0]["lr"]
+        0.1
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1))
+    if warmup == 0:
+        return optimizer, cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of parameter entries of ``model``.
+
+    Example:
+        >>> parameter_count(nn.Linear(3, 2))
+        8
+    """
+    return sum(param.numel() for param in model.parameters())
+
+
+def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
+    # Every epoch draws from its own seed, so a run resumed at an epoch boundary replays the
+    # same shuffles, augmentations and dropout as one that never stopped.
+    return (seed * 1_000_003 + generation * 10_007 + epoch) % (2 ** 63)
+
+
+class Evolution:
+    """One Knowledge Evolution run: a model, its split, data, and the generation loop.
+
+    Args:
+        model: the dense network; trained in place.
+        split: its :class:`~kecompress.Split`, drawn once and fixed for the whole run.
+        train_loader, val_loader: the data. Give ``train_loader`` a ``generator`` to make
+            shuffling reproducible (it is re-seeded every epoch).
+        config: the :class:`TrainingConfig`.
+        loss_fn: any loss ``loss_fn(outputs, targets)``; cross-entropy by default.
+        metric_fn: any metric ``metric_fn(outputs, targets) -> float``, higher is better;
+            accuracy by default. Records name it ``metric_name``.
+        example_inputs: an input batch for slicing the fit hypothesis (KELS); by default the
+            first validation sample.
+        run_dir: where the checkpoint (every epoch) and ``metrics.json`` (every generation)
+            go; nothing is written when None.
+        reporter: receives progress (see :class:`Reporter`).
+
+    Example:
+        >>> import kecompress
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> s = kecompress.split(model, "kels", 0.5)
+        >>> history = Evolution(model, s, data, data, TrainingConfig(generations=2, epochs=1)).run()
+        >>> [record["generation"] for record in history]
+        [1, 2]
+    """
+
+    def __init__(self, model: nn.Module, split: Split, train_loader, val_loader,
+                 config: TrainingConfig | None = None, *, loss_fn: Callable | None = None,
+                 metric_fn: Callable = accuracy, metric_name: str = "accuracy",
+                 device: torch.device | str = "cpu", example_inputs=None,
+                 run_dir: str | Path | None = None, reporter: Reporter | None = None):
+        split.check_matches(model)
+        self.model = model.to(device)
+        self.split = split
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.config = config or TrainingConfig()
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.metric_fn, self.metric_name = metric_fn, metric_name
+        self.device = torch.device(device)
+        self.example_inputs = example_inputs
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.reporter = reporter
+        self.history: list[dict] = []
+        self._position = (1, 0)  # (generation, epochs of it already trained)
+        self._optimizer_state = self._schedule_state = None
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint_state(self, generation: int, epochs_done: int, optimizer, schedule) -> dict:
+        """Everything a resumed run needs, as plain tensors and numbers (``weights_only`` safe).
+
+        Example:
+            >>> # written for you every epoch when ``run_dir`` is set
+        """
+        return {"generation": generation, "epochs_done": epochs_done,
+                "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "history": self.history,
+                "rng": torch.get_rng_state(), "config": asdict(self.config)}
+
+    def resume(self, checkpoint_path: str | Path | None = None) -> "Evolution":
+        """Continue from a checkpoint written by an earlier run of the same configuration.
+
+        Example:
+            >>> # Evolution(model, split, train, val, config, run_dir="runs/a").resume().run()
+        """
+        path = Path(checkpoint_path) if checkpoint_path else self.run_dir / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+        except FileNotFoundError:
+            raise KecompressError(f"no checkpoint at {path}: start the run without --resume") from None
+        except Exception as error:
+            raise KecompressError(f"cannot resume from {path} ({error.__class__.__name__}): the checkpoint "
+                                  "is damaged or from another model; start a new run with another --out") from None
+        saved = {key: value for key, value in state["config"].items() if key != "target"}
+        current = {key: value for key, value in asdict(self.config).items() if key != "target"}
+        if saved != current:
+            changed = sorted(key for key in current if saved.get(key) != current[key])
+            raise KecompressError(f"the checkpoint in {path.parent} was made with other settings "
+                                  f"({', '.join(changed)}): resume with the same settings or use another --out")
+        self.history = list(state["history"])
+        self._position = (state["generation"], state["epochs_done"])
+        self._optimizer_state, self._schedule_state = state["optimizer"], state["schedule"]
+        torch.set_rng_state(state["rng"].cpu())
+        return self
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Train generation after generation; return one record of metrics per generation.
+
+        Each record holds ``generation``, ``dense_<metric>``, ``fit_<metric>``, ``dense_loss``,
+        ``fit_loss``, ``dense_parameters``, ``fit_parameters``, ``train_loss`` and ``seconds``.
+
+        Example:
+            >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
+        """
+        config = self.config
+        generation, epochs_done = self._position
+        if epochs_done >= config.epochs and any(r["generation"] == generation for r in self.history):
+            generation, epochs_done = generation + 1, 0  # that generation is trained and recorded
+        if self.history and self._target_reached(self.history[-1]):
+            return self.history
+        while generation <= config.generations:
+            if epochs_done == 0 and generation > 1:
+                reset_(self.model, self.split, seed=_epoch_seed(config.seed, generation, -1))
+            record = self._train_generation(generation, epochs_done)
+            self.history.append(record)
+            if self.run_dir is not None:
+                save_json({"generations": self.history}, self.run_dir / METRICS)
+            if self.reporter:
+                self.reporter.generation_done(record)
+            if self._target_reached(record):
+                break
+            generation, epochs_done = generation + 1, 0
+        return self.history
+
+    def _target_reached(self, record: dict) -> bool:
+        return self.config.target is not None and record[f"fit_{self.metric_name}"] >= self.config.target
+
+    def _train_generation(self, generation: int, epochs_done: int) -> dict:
+        config = self.config
+        steps = len(self.train_loader)
+        optimizer, schedule = make_optimizer(self.model, config, steps)
+        if epochs_done > 0:  # resuming inside this generation
+            optimizer.load_state_dict(self._optimizer_state)
+            schedule.load_state_dict(self._schedule_state)
+        if self.reporter:
+            self.reporter.generation_started(generation, config.epochs, steps)
+        started = time.perf_counter()
+        train_loss = float("nan")
+        for epoch in range(epochs_done, config.epochs):
+            train_loss = self._train_epoch(generation, epoch, optimizer, schedule)
+            if self.run_dir is not None:
+                save_torch(self.checkpoint_state(generation, epoch + 1, optimizer, schedule),
+                           self.run_dir / CHECKPOINT)
+        dense_loss, dense_metric = evaluate(self.model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        fit_loss, fit_metric, fit_parameters = self.evaluate_fit()
+        return {"generation": generation,
+                f"dense_{self.metric_name}": dense_metric, f"fit_{self.metric_name}": fit_metric,
+                "dense_loss": dense_loss, "fit_loss": fit_loss,
+                "dense_parameters": parameter_count(self.model), "fit_parameters": fit_parameters,
+                "train_loss": train_loss, "seconds": time.perf_counter() - started}
+
+    def _train_epoch(self, generation: int, epoch: int, optimizer, schedule) -> float:
+        torch.manual_seed(_epoch_seed(self.config.seed, generation, epoch))
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(_epoch_seed(self.config.seed, generation, epoch))
+        if self.reporter:
+            self.reporter.epoch_started(generation, epoch)
+        self.model.train()
+        total, count = 0.0, 0
+        for step, (inputs, targets) in enumerate(self.train_loader):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            loss = self.loss_fn(self.model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise KecompressError(
+                    f"the loss became {value} at generation {generation}, epoch {epoch + 1}, step {step + 1}: "
+                    f"training diverged; lower the learning rate (now {self.config.lr}) and start again")
+            total += value * len(inputs)
+            count += len(inputs)
+            if self.reporter:
+                self.reporter.step_done(value, len(inputs))
+        return total / max(count, 1)
+
+    def evaluate_fit(self) -> tuple[float, float, int]:
+        """Loss, metric and parameter count of the fit hypothesis on the validation data.
+
+        KELS: measured on the sliced slim network (the fit hypothesis itself). WELS: on the
+        dense network with the reset hypothesis masked to zero (a sparse network has no slim form).
+
+        Example:
+            >>> # loss, metric, parameters = evolution.evaluate_fit()
+        """
+        if self.split.method == "kels":
+            example = self.example_inputs
+            if example is None:
+                example = next(iter(self.val_loader))[0][:1]
+            fit = slice_fit(self.model, self.split, example_inputs=example.to(self.device))
+            loss, metric = evaluate(fit, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+            return loss, metric, parameter_count(fit)
+        with fit_hypothesis(self.model, self.split):
+            loss, metric = evaluate(self.model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        uncovered = parameter_count(self.model) - self.split.total_count()
+        return loss, metric, self.split.fit_count() + uncovered
+
+
+def evolve(model: nn.Module, split: Split, train_loader, val_loader,
+           config: TrainingConfig | None = None, **options) -> list[dict]:
+    """Run Knowledge Evolution and return one record of metrics per generation.
+
+    A shortcut for ``Evolution(model, split, train_loader, val_loader, config, **options).run()``;
+    see :class:`Evolution` for the options (loss, metric, device, run directory, reporter).
+
+    Example:
+        >>> import kecompress
+        >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> s = kecompress.split(model, "wels", 0.5, seed=0)
+        >>> neg_mse = lambda out, tgt: -nn.functional.mse_loss(out, tgt).item()
+        >>> history = evolve(model, s, [(x, y)], [(x, y)], TrainingConfig(generations=2, epochs=1, lr=0.01),
+        ...                  loss_fn=nn.MSELoss(), metric_fn=neg_mse, metric_name="neg_mse")
+        >>> sorted(history[-1])[:3]
+        ['dense_loss', 'dense_neg_mse', 'dense_parameters']
+    """
+    return Evolution(model, split, train_loader, val_loader, config, **options).run()

@@ -1,0 +1,37 @@
+import torch
+import torchvision
+import pytest
+
+# The architectures the toolkit promises to handle, and more torchvision ones beyond them.
+REQUIRED_ARCHS = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
+                  "efficientnet_b0", "vgg11_bn", "regnet_x_400mf"]
+MORE_ARCHS = ["resnext50_32x4d", "regnet_y_400mf", "mnasnet0_5", "googlenet", "squeezenet1_0", "alexnet"]
+
+
+def build(name: str, num_classes: int = 10) -> torch.nn.Module:
+    """A randomly initialised torchvision classifier (no download)."""
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def example_input(name: str, batch: int = 1) -> torch.Tensor:
+    size = 224 if name == "alexnet" else 64  # AlexNet's stride-4 stem needs a larger image
+    return torch.randn(batch, 3, size, size)
+
+
+def randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial statistics and affine parameters, so that a test
+    comparing outputs would notice a channel cut in the wrong place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
