@@ -203,15 +203,17 @@ class Evolution:
     def resume(self, checkpoint_path: str | Path | None = None) -> "Evolution":
         """Continue from a checkpoint written by an earlier run of the same configuration.
 
+        A run that died before its first checkpoint has nothing to continue: it starts over.
+
         Example:
             >>> # Evolution(model, split, train, val, config, run_dir="runs/a").resume().run()
         """
         path = Path(checkpoint_path) if checkpoint_path else self.run_dir / CHECKPOINT
+        if not path.exists():
+            return self
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
             self.model.load_state_dict(state["model"])
-        except FileNotFoundError:
-            raise KecompressError(f"no checkpoint at {path}: start the run without --resume") from None
         except Exception as error:
             raise KecompressError(f"cannot resume from {path} ({error.__class__.__name__}): the checkpoint "
                                   "is damaged or from another model; start a new run with another --out") from None
@@ -238,6 +240,8 @@ class Evolution:
             >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
         """
         config = self.config
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         generation, epochs_done = self._position
         if epochs_done >= config.epochs and any(r["generation"] == generation for r in self.history):
             generation, epochs_done = generation + 1, 0  # that generation is trained and recorded

@@ -1,0 +1,165 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import kecompress
+from kecompress import Evolution, KecompressError, TrainingConfig
+from kecompress.evolve import accuracy, evaluate
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+
+def loaders(seed=0):
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(48, 3, 8, 8, generator=gen)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0].mean(dim=(1, 2)) > 0.2).long()
+    train = DataLoader(TensorDataset(x[:36], y[:36]), batch_size=8, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(TensorDataset(x[36:], y[36:]), batch_size=8)
+    return train, val
+
+
+class Snapshots:
+    """A reporter that keeps the weights at the start and end of every generation."""
+
+    def __init__(self, model, fail_at=None):
+        self.model, self.fail_at = model, fail_at
+        self.starts, self.ends, self.steps = {}, {}, 0
+        self.generation = 0
+
+    def generation_started(self, generation, epochs, steps):
+        self.generation = generation
+        self.starts[generation] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def epoch_started(self, generation, epoch):
+        pass
+
+    def step_done(self, loss, samples):
+        self.steps += 1
+        if self.fail_at is not None and self.steps == self.fail_at:
+            raise KeyboardInterrupt  # the run dies mid-epoch
+
+    def generation_done(self, record):
+        self.ends[record["generation"]] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["kels", "wels"])
+def test_every_generation_keeps_the_fit_and_redraws_the_reset(method):
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, method, 0.5, example_inputs=torch.randn(1, 3, 8, 8), seed=1)
+    masks = {k: v.clone() for k, v in s.masks.items()}
+    train, val = loaders()
+    spy = Snapshots(model)
+    history = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=1, lr=0.05),
+                        reporter=spy).run()
+    assert [r["generation"] for r in history] == [1, 2, 3]
+    for generation in (2, 3):
+        before, after = spy.ends[generation - 1], spy.starts[generation]
+        for name, mask in masks.items():
+            if name.startswith(("1.", "4.")):  # BatchNorm: kept whole, as in the reference
+                assert torch.equal(before[name], after[name])
+                continue
+            assert torch.equal(after[name][mask], before[name][mask])  # fit: bit for bit
+            if (~mask).any():
+                assert not torch.equal(after[name][~mask], before[name][~mask])
+    assert all(torch.equal(s.masks[k], masks[k]) for k in masks)  # the mask never changes
+    for record in history:
+        assert 0 <= record["dense_accuracy"] <= 1 and 0 <= record["fit_accuracy"] <= 1
+        assert record["fit_parameters"] < record["dense_parameters"]
+
+
+def test_kels_fit_is_measured_on_the_sliced_network():
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    record = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1)).run()[0]
+    fit = kecompress.slice_fit(model, s, example_inputs=torch.randn(1, 3, 8, 8))
+    assert record["fit_parameters"] == sum(p.numel() for p in fit.parameters()) == s.fit_count()
+    loss, acc = evaluate(fit, val, nn.CrossEntropyLoss(), accuracy)
+    assert record["fit_accuracy"] == acc and record["fit_loss"] == pytest.approx(loss)
+
+
+def test_a_regression_loss_and_metric_work_through_the_api():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x @ torch.randn(5, 2)
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Linear(32, 2))
+    s = kecompress.split(model, "kels", 0.5)
+    r2 = lambda out, tgt: 1 - ((out - tgt) ** 2).sum().item() / ((tgt - tgt.mean(0)) ** 2).sum().item()
+    history = kecompress.evolve(model, s, data, data, TrainingConfig(generations=2, epochs=3, lr=0.01),
+                                loss_fn=nn.MSELoss(), metric_fn=r2, metric_name="r2")
+    assert {"dense_r2", "fit_r2", "dense_loss", "fit_loss"} <= set(history[-1])
+    assert history[-1]["dense_loss"] < history[0]["dense_loss"] * 2
+
+
+def test_a_target_ends_the_run_early():
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "wels", 0.5)
+    train, val = loaders()
+    history = Evolution(model, s, train, val, TrainingConfig(generations=5, epochs=1, target=0.0)).run()
+    assert len(history) == 1
+
+
+def test_a_diverging_loss_stops_with_a_message(tmp_path):
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "wels", 0.5)
+    train, val = loaders()
+    loss = lambda out, tgt: nn.functional.cross_entropy(out, tgt) * float("inf")
+    with pytest.raises(KecompressError, match=r"generation 1, epoch 1, step 1.*lower the learning rate"):
+        Evolution(model, s, train, val, TrainingConfig(generations=2, epochs=1), loss_fn=loss,
+                  run_dir=tmp_path).run()
+
+
+def run_to_the_end(run_dir, fail_at=None, resume=False):
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    evolution = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4),
+                          run_dir=run_dir, reporter=Snapshots(model, fail_at))
+    if resume:
+        evolution.resume()
+    return model, evolution.run()
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
+    reference, reference_history = run_to_the_end(tmp_path / "a")
+    for fail_at in (3, 10, 16):  # mid-epoch in generation 1, 2 and 3 (5 steps an epoch)
+        run_dir = tmp_path / f"b{fail_at}"
+        with pytest.raises(KeyboardInterrupt):
+            run_to_the_end(run_dir, fail_at=fail_at)
+        model, history = run_to_the_end(run_dir, resume=True)
+        assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+        strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+        assert strip(history) == strip(reference_history)
+        saved = json.loads((run_dir / "metrics.json").read_text())["generations"]
+        assert strip(saved) == strip(reference_history)
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
+    run_to_the_end(tmp_path)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    other = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.5, seed=4), run_dir=tmp_path)
+    with pytest.raises(KecompressError, match="other settings.*lr"):
+        other.resume()
+
+
+@pytest.mark.parametrize("field, value, message", [("generations", 0, "generations"), ("epochs", 0, "epochs"),
+                                                   ("lr", -1.0, "learning rate"), ("warmup_epochs", 10, "warm-up")])
+def test_bad_training_settings_are_refused(field, value, message):
+    with pytest.raises(KecompressError, match=message):
+        TrainingConfig(**{field: value})
