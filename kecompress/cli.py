@@ -1,0 +1,198 @@
+"""The ``kecompress`` command line: a thin shell over the Python API.
+
+Every user error ends in one line on stderr naming the problem and the fix, exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from . import __version__
+from . import data as datasets
+from . import rundir
+from .errors import KecompressError
+from .evolve import Evolution, TrainingConfig
+from .models import output_features, resolve_model
+from .report import RichReporter
+from .split import Split, check_rate, split as make_split
+
+console = Console()
+
+MODEL_HELP = "a torchvision architecture name (e.g. resnet18) or a .pt file holding a whole model"
+TRUST_HELP = "load a model file with full pickle, which can run code from it: only for files you trust"
+
+# Settings that make two runs the same run; the rest (device, target) may change on resume.
+_RUN_IDENTITY = ("model", "arch", "num_classes", "classes", "split", "rate", "seed", "data",
+                 "image_size", "val_fraction", "batch_size", "label_smoothing", "training")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="kecompress")
+def app():
+    """Knowledge Evolution for PyTorch: split, evolve, slice, export, measure."""
+
+
+@app.command()
+@click.argument("model")
+@click.option("--split", "split_method", type=click.Choice(["kels", "wels"]), default="kels",
+              help="kels (slim fit) or wels (sparse fit)")
+@click.option("--rate", type=float, default=0.5, help="split rate in (0, 1]")
+@click.option("--generations", type=int, default=5, help="number of generations")
+@click.option("--epochs", type=int, default=10, help="epochs per generation")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="ImageFolder directory (train/ and val/, or class folders); absent: the bundled 8x8 digits")
+@click.option("--num-classes", type=int, default=None,
+              help="classes of a torchvision architecture (default: inferred from the data)")
+@click.option("--image-size", type=int, default=None, help="input size (default 224, 32 for the demo data)")
+@click.option("--val-fraction", type=float, default=0.2, help="held-out fraction when --data has no val/")
+@click.option("--batch-size", type=int, default=32, help="batch size")
+@click.option("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine schedule)")
+@click.option("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+@click.option("--warmup-epochs", type=int, default=0, help="linear warm-up epochs at the start of each generation")
+@click.option("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy loss")
+@click.option("--seed", type=int, default=0, help="seed of the split, the data order and the resets")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/ke"),
+              help="run directory to create (or to resume)")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--target-accuracy", type=float, default=None,
+              help="stop once the fit hypothesis reaches this validation accuracy (a fraction in (0, 1])")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+@click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
+def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
+           batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
+           device, trust_model_file):
+    """Train MODEL for several generations of Knowledge Evolution."""
+    rate = check_rate(rate)
+    config = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                            warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
+    _check_numbers(batch_size=batch_size, label_smoothing=label_smoothing, val_fraction=val_fraction,
+                   target_accuracy=target_accuracy, image_size=image_size)
+    torch_device = _device(device)
+    _check_out_dir(out, resume)
+
+    torch.manual_seed(seed)
+    image_size = image_size or (224 if data else 32)
+    train_set, val_set, classes = datasets.load_datasets(str(data) if data else None, image_size, val_fraction, seed)
+    net = resolve_model(model, num_classes or len(classes), trust_file=trust_model_file)
+    example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
+    outputs = output_features(net, example_inputs)
+    if outputs != len(classes):
+        raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
+                              f"pass --num-classes {len(classes)} or a model built for this data")
+    run_config = {
+        "model": model, "arch": None if _is_file(model) else model, "num_classes": len(classes),
+        "classes": classes, "split": split_method, "rate": rate, "seed": seed,
+        "data": str(data.resolve()) if data else None, "image_size": image_size, "val_fraction": val_fraction,
+        "batch_size": batch_size, "label_smoothing": label_smoothing,
+        "training": {k: v for k, v in asdict(config).items() if k != "target"},
+        "trust_model_file": trust_model_file,
+    }
+    if resume:
+        _check_same_run(out, run_config)
+        the_split = Split.load(out / rundir.SPLIT)
+        the_split.check_matches(net)
+    else:
+        the_split = make_split(net, split_method, rate, example_inputs=example_inputs, seed=seed)
+        rundir.start_run(out, run_config, the_split, Path(model) if _is_file(model) else None)
+
+    train_loader, val_loader = datasets.make_loaders(train_set, val_set, batch_size, seed)
+    console.print(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
+                  f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters; "
+                  f"{len(train_set)} training / {len(val_set)} validation images, {len(classes)} classes; "
+                  f"device {torch_device}; run directory {out}")
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    with RichReporter(config.generations, console=console) as reporter:
+        evolution = Evolution(net, the_split, train_loader, val_loader, config, loss_fn=loss_fn,
+                              device=torch_device, example_inputs=example_inputs.to(torch_device),
+                              run_dir=out, reporter=reporter)
+        if resume:
+            evolution.resume()
+        history = evolution.run()
+    rundir.save_final(out, net.cpu(), the_split, run_config, example_inputs)
+    last = history[-1]
+    console.print(f"done: generation {last['generation']}, dense accuracy {last['dense_accuracy']:.2%}, "
+                  f"fit accuracy {last['fit_accuracy']:.2%}; metrics in {out / 'metrics.json'}, "
+                  f"final models in {out / rundir.DENSE}"
+                  + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
+
+
+def _is_file(model: str) -> bool:
+    return Path(model).suffix in (".pt", ".pth") or Path(model).exists()
+
+
+def _check_numbers(**values) -> None:
+    rules = {
+        "batch_size": (lambda v: v >= 1, "must be at least 1"),
+        "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "val_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+        "target_accuracy": (lambda v: v is None or 0 < v <= 1, "must be a fraction in (0, 1], e.g. 0.9"),
+        "image_size": (lambda v: v is None or v >= 8, "must be at least 8 pixels"),
+    }
+    for name, value in values.items():
+        check, rule = rules[name]
+        if not check(value):
+            raise KecompressError(f"--{name.replace('_', '-')} {rule}, got {value}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KecompressError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KecompressError(f"device {name} asked for, but this machine has no CUDA GPU: use --device cpu")
+    return device
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise KecompressError(f"--out {out} is a file: pass a directory path")
+    if resume:
+        if not (out / rundir.CONFIG).is_file():
+            raise KecompressError(f"nothing to resume in {out} (no kecompress run there): run without --resume")
+    elif out.is_dir() and any(out.iterdir()):
+        what = "holds a kecompress run" if (out / rundir.CONFIG).exists() else "is not empty"
+        raise KecompressError(f"--out {out} {what}: pass --resume to continue it, or choose another --out")
+
+
+def _check_same_run(out: Path, run_config: dict) -> None:
+    saved = rundir.read_config(out)
+    changed = [key for key in _RUN_IDENTITY if saved.get(key) != run_config.get(key)]
+    if changed:
+        raise KecompressError(f"--out {out} holds a different run (it differs in {', '.join(changed)}): "
+                              "resume with the same settings, or choose another --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kecompress`` command; returns the exit status.
+
+    Example:
+        >>> main(["evolve", "resnet18", "--rate", "2"])  # doctest: +SKIP
+        kecompress: split rate must be in (0, 1], got 2.0: e.g. 0.5
+        2
+    """
+    try:
+        app.main(args=argv, prog_name="kecompress", standalone_mode=False)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "kecompress"
+        print(f"kecompress: {error.format_message()} (see {command} --help)", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        print("kecompress: interrupted", file=sys.stderr)
+        return 130
+    except KecompressError as error:
+        print(f"kecompress: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Data sets for Knowledge Evolution: ImageFolder directories and the bundled digits demo.
+
+Both give ``(train, val, class_names)`` with items ``(image CHW float32, label int64)``, sized
+for torchvision's ImageNet architectures, and split reproducibly from a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from .errors import KecompressError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEMO_IMAGE_SIZE = 32
+FOLDER_IMAGE_SIZE = 224
+
+
+def demo_datasets(image_size: int = DEMO_IMAGE_SIZE, val_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), no download.
+
+    Images are scaled up to ``image_size`` and repeated over 3 channels, so that torchvision's
+    ImageNet architectures accept them, and standardised with the training pixels' mean and
+    standard deviation. The validation set is a seeded, stratified ``val_fraction`` of each class.
+
+    Example:
+        >>> train, val, classes = demo_datasets(image_size=32, seed=0)
+        >>> len(train) + len(val), classes[:3], train[0][0].shape
+        (1797, ['0', '1', '2'], torch.Size([3, 32, 32]))
+    """
+    from sklearn.datasets import load_digits  # imported here: only the demo needs scikit-learn
+
+    _check_image_size(image_size)
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train_indices, val_indices = stratified_split(labels.tolist(), val_fraction, seed)
+    train_pixels = images[train_indices]
+    images = (images - train_pixels.mean()) / train_pixels.std()
+    class_names = [str(digit) for digit in digits.target_names]
+    return (_DigitsDataset(images[train_indices], labels[train_indices], image_size),
+            _DigitsDataset(images[val_indices], labels[val_indices], image_size),
+            class_names)
+
+
+class _DigitsDataset(Dataset):
+    # Resizes one image at a time: 1,797 images stored at 224x224x3 would take over 1 GB.
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int):
+        self.images, self.labels, self.image_size = images, labels, image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = F.interpolate(self.images[index:index + 1], size=self.image_size,
+                              mode="bilinear", align_corners=False)
+        return image[0].expand(3, -1, -1).contiguous(), self.labels[index]
+
+
+def image_folder_datasets(root: str | Path, image_size: int = FOLDER_IMAGE_SIZE, val_fraction: float = 0.2,
+                          seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
+    """Training and validation sets from a directory of images, one subdirectory per class.
+
+    ``root`` holds either ``train/`` and ``val/``, each with the same class directories, or
+    the class directories themselves; then a seeded, stratified ``val_fraction`` of each class
+    is held out for validation. Training images get RandomResizedCrop + horizontal flip,
+    validation images Resize + CenterCrop, both ImageNet-normalised. Images are decoded when
+    read; one that cannot be decoded raises a :class:`KecompressError` naming the file.
+
+    Raises:
+        KecompressError: a missing or empty ``root``, no class directories or images, fewer than
+            two classes, ``train/`` without ``val/`` or the reverse, or differing class sets.
+
+    Example:
+        >>> import tempfile, os
+        >>> from PIL import Image
+        >>> root = tempfile.mkdtemp()
+        >>> for name in ["cat", "dog"]:
+        ...     os.makedirs(os.path.join(root, name))
+        ...     for i in range(3):
+        ...         Image.new("RGB", (40, 40)).save(os.path.join(root, name, f"{i}.png"))
+        >>> train, val, classes = image_folder_datasets(root, image_size=32)
+        >>> len(train), len(val), classes, train[0][0].shape
+        (4, 2, ['cat', 'dog'], torch.Size([3, 32, 32]))
+    """
+    _check_image_size(image_size)
+    root = Path(root)
+    if not root.exists():
+        raise KecompressError(f"data directory {root} does not exist: check the --data path")
+    if not root.is_dir():
+        raise KecompressError(f"data path {root} is a file: pass a directory with one "
+                              "subdirectory of images per class")
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_transform = transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalise])
+    val_transform = transforms.Compose([
+        transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+        transforms.ToTensor(), normalise])
+
+    has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+    if has_train != has_val:
+        present, missing = ("train", "val") if has_train else ("val", "train")
+        raise KecompressError(
+            f"{root} has {present}/ but no {missing}/: add {missing}/ with the same class "
+            f"directories, or rename {present}/ if it is a class")
+    if has_train:
+        train = _image_folder(root / "train", train_transform)
+        val = _image_folder(root / "val", val_transform)
+        if train.classes != val.classes:
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise KecompressError(
+                f"{root}: train/ and val/ have different classes (only in train/: {only_train or 'none'}, "
+                f"only in val/: {only_val or 'none'}): give both the same class directories")
+        return train, val, train.classes
+
+    folder = _image_folder(root, train_transform)
+    train_indices, val_indices = stratified_split(folder.targets, val_fraction, seed, folder.classes)
+    # Both subsets read the same scanned file list; only the transform differs.
+    val_folder = copy.copy(folder)
+    val_folder.transform = val_transform
+    return Subset(folder, train_indices), Subset(val_folder, val_indices), folder.classes
+
+
+def _class_names(directory: Path) -> list[str]:
+    # Hidden directories (.ipynb_checkpoints, .git) are never classes.
+    return sorted(entry.name for entry in directory.iterdir()
+                  if entry.is_dir() and not entry.name.startswith("."))
+
+
+class _ImageFolder(datasets.ImageFolder):
+    def find_classes(self, directory):
+        classes = _class_names(Path(directory))
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _image_folder(directory: Path, transform) -> datasets.ImageFolder:
+    classes = _class_names(directory)
+    if not classes:
+        what = "is empty" if not any(directory.iterdir()) else "has no class directories"
+        raise KecompressError(f"data directory {directory} {what}: put the images in one "
+                              "subdirectory per class, e.g. cat/1.jpg and dog/2.jpg")
+    if len(classes) == 1:
+        raise KecompressError(f"data directory {directory} has a single class ({classes[0]}): "
+                              "KE needs at least two classes, add a directory of images per class")
+    try:
+        return _ImageFolder(directory, transform=transform, loader=load_rgb_image)
+    except FileNotFoundError as error:  # torchvision's check: a class directory without images
+        raise KecompressError(f"data directory {directory}: {error}; put images in every class "
+                              "directory or remove the empty ones") from None
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Decode an image file as RGB, naming the file if it cannot be decoded.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
+        >>> Image.new("L", (4, 4)).save(path)
+        >>> load_rgb_image(path).mode
+        'RGB'
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise KecompressError(f"cannot decode image {path} ({error}): "
+                              "remove or replace the file") from None
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int,
+                     class_names: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """Indices of a seeded train/validation split holding out ``val_fraction`` of every class.
+
+    Each class keeps at least one image on each side, so every class needs two or more;
+    ``class_names`` (indexed by label) only serve to name a class that has fewer.
+
+    Example:
+        >>> stratified_split([0, 0, 0, 0, 1, 1, 1, 1], val_fraction=0.25, seed=0)
+        ([1, 2, 3, 5, 6, 7], [0, 4])
+    """
+    if not 0 < val_fraction < 1:
+        raise KecompressError(f"val_fraction must be between 0 and 1, got {val_fraction}: pass e.g. 0.2")
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label in sorted(set(labels)):
+        members = torch.tensor([i for i, other in enumerate(labels) if other == label])
+        if len(members) < 2:
+            name = class_names[label] if class_names else label
+            raise KecompressError(f"class {name} has only {len(members)} image: holding out a "
+                                  "validation set needs at least two per class, add images or "
+                                  "provide train/ and val/ directories")
+        members = members[torch.randperm(len(members), generator=generator)]
+        held_out = min(max(1, round(val_fraction * len(members))), len(members) - 1)
+        val += members[:held_out].tolist()
+        train += members[held_out:].tolist()
+    return sorted(train), sorted(val)
+
+
+def load_datasets(data: str | Path | None, image_size: int | None = None, val_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
+    """The image folder at ``data``, or the digits demo when ``data`` is None.
+
+    ``image_size`` None means 224 for an image folder and 32 for the demo.
+
+    Example:
+        >>> train, val, classes = load_datasets(None)
+        >>> len(classes)
+        10
+    """
+    if data is None:
+        return demo_datasets(image_size or DEMO_IMAGE_SIZE, val_fraction, seed)
+    return image_folder_datasets(data, image_size or FOLDER_IMAGE_SIZE, val_fraction, seed)
+
+
+def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int,
+                 workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Data loaders; the training order (and workers' augmentation seeds) follow ``seed``.
+
+    Example:
+        >>> train, val, _ = demo_datasets()
+        >>> train_loader, val_loader = make_loaders(train, val, batch_size=32, seed=0)
+        >>> next(iter(train_loader))[0].shape
+        torch.Size([32, 3, 32, 32])
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise KecompressError(f"batch size must be a positive integer, got {batch_size!r}: pass e.g. 32")
+    # A last training batch of one image breaks BatchNorm in training mode; drop only that one.
+    drop_last = len(train) > batch_size and len(train) % batch_size == 1
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                              num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return train_loader, val_loader
+
+
+def input_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape (C, H, W) of one input of ``dataset``, e.g. for an example batch.
+
+    Example:
+        >>> input_shape(demo_datasets(image_size=32)[1])
+        (3, 32, 32)
+    """
+    if len(dataset) == 0:
+        raise KecompressError("the data set is empty: add images")
+    return tuple(dataset[0][0].shape)
+
+
+def _check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise KecompressError(f"image size must be a positive integer, got {image_size!r}: pass e.g. 224")

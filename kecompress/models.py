@@ -1,0 +1,248 @@
+"""Getting a model: a torchvision architecture by name, or a whole-module file loaded safely.
+
+A file written by ``torch.save(model)`` is a pickle, and unpickling can run any code the file
+names. :func:`load_model_file` therefore loads with ``weights_only=True`` and an allowlist of
+the layer classes of ``torch.nn``, ``torchvision.models`` and ``torchvision.ops`` only; a file
+that needs anything else is refused unless the caller trusts it explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from .errors import KecompressError
+
+MODEL_FILE_SUFFIXES = (".pt", ".pth")
+
+# The packages whose nn.Module subclasses a whole-module file may name without being trusted.
+_SAFE_MODULE_PACKAGES = ("torch.nn.modules", "torchvision.models", "torchvision.ops")
+
+# googlenet and inception_v3 default to auxiliary heads that make the training-mode output a
+# tuple, and to a custom initialisation that differs from the layers' own, which KE re-uses for
+# every reset; turn both off so they behave like every other classifier.
+_ARCH_OPTIONS = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
+def classification_architectures() -> list[str]:
+    """The torchvision classification architectures :func:`build_model` accepts.
+
+    Example:
+        >>> "resnet18" in classification_architectures()
+        True
+    """
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision classifier; never downloads weights.
+
+    Args:
+        arch: a name from ``torchvision.models.list_models(module=torchvision.models)``,
+            e.g. ``"resnet18"``.
+        num_classes: the number of outputs (classes) of the final layer.
+
+    Raises:
+        KecompressError: an unknown architecture (with close matches) or a bad class count.
+
+    Example:
+        >>> build_model("resnet18", num_classes=7).fc.out_features
+        7
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise KecompressError(f"num_classes must be a positive integer, got {num_classes!r}: "
+                              "pass the number of classes in the data, e.g. 10")
+    known = classification_architectures()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=4, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KecompressError(
+            f"unknown architecture {arch!r}: {hint}any name from "
+            "torchvision.models.list_models(module=torchvision.models) is accepted, e.g. resnet18, "
+            "or a .pt/.pth file holding a whole model")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                        **_ARCH_OPTIONS.get(arch, {}))
+
+
+@functools.lru_cache(maxsize=1)
+def safe_model_globals() -> tuple:
+    """The classes and functions a whole-module file may name when loaded without trust.
+
+    Every ``nn.Module`` subclass defined in ``torch.nn.modules``, ``torchvision.models`` or
+    ``torchvision.ops`` (all imported by ``import torchvision``), and ``functools.partial``,
+    which torchvision's vision transformers keep as their ``norm_layer``. Unpickling may call
+    these with arguments from the file; none of them runs code named by the file.
+
+    Example:
+        >>> torch.nn.Conv2d in safe_model_globals()
+        True
+    """
+    classes = {
+        value
+        for name, module in list(sys.modules.items())
+        if name.startswith(_SAFE_MODULE_PACKAGES) and module is not None
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, nn.Module)
+        and value.__module__.startswith(_SAFE_MODULE_PACKAGES)
+    }
+    return (functools.partial, *sorted(classes, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}"))
+
+
+def load_model_file(path: str | Path, trust_file: bool = False) -> nn.Module:
+    """Load a whole model saved with ``torch.save(model)``, on the CPU.
+
+    Without ``trust_file`` the file is unpickled with ``weights_only=True`` and only the
+    classes of :func:`safe_model_globals`, so loading it cannot run code from the file. That
+    covers every torchvision classifier and the slim networks kecompress cuts out of them, saved
+    in torch's default (zip) format; the legacy format written with
+    ``_use_new_zipfile_serialization=False`` embeds source code and needs ``trust_file``.
+    A hostile file can still describe a strange or huge model, only not run code of its own.
+
+    Args:
+        path: a ``.pt``/``.pth`` file holding an ``nn.Module``.
+        trust_file: unpickle with full pickle (``weights_only=False``), which runs whatever code
+            the file names: only for files from a source you trust.
+
+    Raises:
+        KecompressError: a missing, empty or damaged file; a file that needs classes outside the
+            allowlist (without ``trust_file``); a state_dict or another object that is not a model.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
+        >>> torch.save(torch.nn.Sequential(torch.nn.Linear(4, 2)), path)
+        >>> load_model_file(path)
+        Sequential(
+          (0): Linear(in_features=4, out_features=2, bias=True)
+        )
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KecompressError(f"model file {path} does not exist: check the path, or pass an "
+                              "architecture name such as resnet18")
+    if path.is_dir():
+        raise KecompressError(f"model file {path} is a directory: pass a .pt/.pth file "
+                              "written by torch.save(model)")
+    if path.stat().st_size == 0:
+        raise KecompressError(f"model file {path} is empty: save the model again with torch.save(model)")
+    loaded = _trusted_load(path) if trust_file else _safe_load(path)
+    return _as_model(loaded, path)
+
+
+def _safe_load(path: Path):
+    try:
+        with torch.serialization.safe_globals(list(safe_model_globals())):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        offending = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if offending:
+            raise KecompressError(
+                f"model file {path} names {offending.group(1)}, code outside torch.nn and torchvision "
+                "that would run on load: pass --trust-model-file (trust_file=True) to load it with full "
+                "pickle, only if you trust the file's source") from None
+        reason = _weights_only_reason(error)
+        raise KecompressError(
+            f"model file {path} cannot be loaded without running code from it ({reason}): "
+            "it is damaged or in a format only full pickle reads, such as the legacy non-zip one; "
+            "pass --trust-model-file only if you trust the file's source") from None
+    except Exception as error:  # torch.load reports a damaged file by many exception types
+        raise _damaged(path, error) from error
+
+
+def _trusted_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise KecompressError(f"model file {path} needs code that cannot be imported here ({error}): "
+                              "import or install the module that defines the model first") from error
+    except Exception as error:
+        raise _damaged(path, error) from error
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    # torch wraps the unpickler's own complaint in paragraphs of general advice; keep the complaint.
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.DOTALL)
+    return " ".join(detail.group(1).split()) if detail else "unsupported pickle content"
+
+
+def _damaged(path: Path, error: Exception) -> KecompressError:
+    # torch's messages run to several sentences; the first one names the problem.
+    reason = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+    return KecompressError(f"model file {path} is not a readable torch.save file ({reason}): "
+                           "it may be truncated or corrupt; save or copy it again")
+
+
+def _as_model(loaded, path: Path) -> nn.Module:
+    if isinstance(loaded, nn.Module):
+        return loaded
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise KecompressError(
+            f"model file {path} holds a state_dict, not a whole model: pass the architecture name "
+            "instead, e.g. resnet18, and load the weights into it, or save the model with torch.save(model)")
+    raise KecompressError(f"model file {path} holds a {type(loaded).__name__}, not an nn.Module: "
+                          "save the model itself with torch.save(model)")
+
+
+def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False) -> nn.Module:
+    """A model from a command-line style spec: a model file, or a torchvision architecture name.
+
+    A spec that is an existing path or ends in ``.pt``/``.pth`` is loaded with
+    :func:`load_model_file`; anything else is built with :func:`build_model`.
+
+    Example:
+        >>> resolve_model("resnet18", num_classes=3).fc.out_features
+        3
+    """
+    if Path(spec).exists() or spec.endswith(MODEL_FILE_SUFFIXES):
+        return load_model_file(spec, trust_file=trust_file)
+    if num_classes is None:
+        raise KecompressError(f"building {spec!r} needs the number of classes: pass --num-classes "
+                              "or data to infer it from")
+    return build_model(spec, num_classes)
+
+
+def output_features(model: nn.Module, example_input: torch.Tensor) -> int:
+    """The number of outputs (classes) of a classifier, found by running it on one example.
+
+    The model runs in eval mode without gradients, so BatchNorm statistics are untouched, and
+    is put back in the mode it was in.
+
+    Args:
+        model: a classifier returning a ``(batch, classes)`` tensor.
+        example_input: an input batch; only its first item is used.
+
+    Raises:
+        KecompressError: the model cannot run on the input, or does not return class scores.
+
+    Example:
+        >>> output_features(build_model("resnet18", 7), torch.zeros(1, 3, 32, 32))
+        7
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example_input[:1])
+    except Exception as error:  # a shape or dtype mismatch surfaces as any of several types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KecompressError(f"the model cannot run on inputs of shape {tuple(example_input.shape[1:])} "
+                              f"({reason}): pick an --image-size the architecture accepts, "
+                              "e.g. 224") from error
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise KecompressError(f"the model returns {kind}, not (batch, classes) scores: "
+                              "kecompress trains classifiers that return one tensor of logits")
+    return output.shape[1]
