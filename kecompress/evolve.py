@@ -243,15 +243,14 @@ class Evolution:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         generation, epochs_done = self._position
-        if epochs_done >= config.epochs and any(r["generation"] == generation for r in self.history):
-            generation, epochs_done = generation + 1, 0  # that generation is trained and recorded
+        if epochs_done >= config.epochs:  # the checkpoint closed a generation
+            generation, epochs_done = generation + 1, 0
         if self.history and self._target_reached(self.history[-1]):
             return self.history
         while generation <= config.generations:
             if epochs_done == 0 and generation > 1:
                 reset_(self.model, self.split, seed=_epoch_seed(config.seed, generation, -1))
             record = self._train_generation(generation, epochs_done)
-            self.history.append(record)
             if self.run_dir is not None:
                 save_json({"generations": self.history}, self.run_dir / METRICS)
             if self.reporter:
@@ -277,16 +276,21 @@ class Evolution:
         train_loss = float("nan")
         for epoch in range(epochs_done, config.epochs):
             train_loss = self._train_epoch(generation, epoch, optimizer, schedule)
-            if self.run_dir is not None:
+            if self.run_dir is not None and epoch + 1 < config.epochs:
                 save_torch(self.checkpoint_state(generation, epoch + 1, optimizer, schedule),
                            self.run_dir / CHECKPOINT)
         dense_loss, dense_metric = evaluate(self.model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
         fit_loss, fit_metric, fit_parameters = self.evaluate_fit()
-        return {"generation": generation,
-                f"dense_{self.metric_name}": dense_metric, f"fit_{self.metric_name}": fit_metric,
-                "dense_loss": dense_loss, "fit_loss": fit_loss,
-                "dense_parameters": parameter_count(self.model), "fit_parameters": fit_parameters,
-                "train_loss": train_loss, "seconds": time.perf_counter() - started}
+        record = {"generation": generation,
+                  f"dense_{self.metric_name}": dense_metric, f"fit_{self.metric_name}": fit_metric,
+                  "dense_loss": dense_loss, "fit_loss": fit_loss,
+                  "dense_parameters": parameter_count(self.model), "fit_parameters": fit_parameters,
+                  "train_loss": train_loss, "seconds": time.perf_counter() - started}
+        self.history.append(record)
+        if self.run_dir is not None:  # the generation's last checkpoint carries its record
+            save_torch(self.checkpoint_state(generation, config.epochs, optimizer, schedule),
+                       self.run_dir / CHECKPOINT)
+        return record
 
     def _train_epoch(self, generation: int, epoch: int, optimizer, schedule) -> float:
         torch.manual_seed(_epoch_seed(self.config.seed, generation, epoch))

@@ -1,0 +1,156 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from kecompress.cli import main
+
+FAST = ["--generations", "2", "--epochs", "1", "--batch-size", "64"]
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def snapshot(directory: Path) -> dict:
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    status = main(["evolve", "mobilenet_v3_small", "--split", "kels", "--rate", "0.5", *FAST, "--out", str(out)])
+    assert status == 0
+    return out
+
+
+def test_evolve_on_the_demo_data_writes_a_complete_run(finished_run):
+    metrics = json.loads((finished_run / "metrics.json").read_text())["generations"]
+    assert [g["generation"] for g in metrics] == [1, 2]
+    for record in metrics:
+        assert 0 <= record["dense_accuracy"] <= 1 and 0 <= record["fit_accuracy"] <= 1
+        assert record["fit_parameters"] < record["dense_parameters"]
+    config = json.loads((finished_run / "config.json").read_text())
+    assert (config["split"], config["rate"], config["arch"], config["num_classes"]) == ("kels", 0.5, "mobilenet_v3_small", 10)
+    for name in ("split.pt", "checkpoint.pt", "dense.pt", "fit.pt"):
+        assert (finished_run / name).is_file()
+
+
+def test_a_finished_run_reloads_in_a_fresh_process(finished_run):
+    code = (
+        "import sys, torch; from kecompress.rundir import load_run, load_fit\n"
+        "dense, split, config = load_run(sys.argv[1]); fit = load_fit(sys.argv[1] + '/fit.pt')\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "print(tuple(dense(x).shape), tuple(fit(x).shape), sum(p.numel() for p in fit.parameters()) == split.fit_count())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(finished_run)], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[0] == "(2, 10) (2, 10) True"
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run, capsys):
+    metrics = (finished_run / "metrics.json").read_text()
+    status, _, err = run(capsys, "evolve", "mobilenet_v3_small", "--rate", "0.5", *FAST, "--out", finished_run, "--resume")
+    assert status == 0, err
+    assert (finished_run / "metrics.json").read_text() == metrics
+
+
+def test_a_wels_run_from_a_model_file_on_an_image_folder(tmp_path, capsys):
+    # An ImageFolder data set of real images: scikit-learn's digits written out as PNG files.
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for split_name in ("train", "val"):
+        for label in (3, 5, 8):
+            (tmp_path / "data" / split_name / f"digit{label}").mkdir(parents=True)
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        if label in (3, 5, 8) and counts.get(label, 0) < 24:
+            counts[label] = counts.get(label, 0) + 1
+            split_name = "val" if counts[label] % 4 == 0 else "train"
+            pixels = (image * 16).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((36, 36)).convert("RGB").save(
+                tmp_path / "data" / split_name / f"digit{label}" / f"{counts[label]}.png")
+    model_file = tmp_path / "model.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3), model_file)
+    before = model_file.read_bytes()
+    out = tmp_path / "run"
+    status, stdout, err = run(capsys, "evolve", model_file, "--split", "wels", "--rate", "0.3",
+                              "--data", tmp_path / "data", "--image-size", "32", *FAST, "--out", out)
+    assert status == 0, err
+    assert model_file.read_bytes() == before
+    metrics = json.loads((out / "metrics.json").read_text())["generations"]
+    assert len(metrics) == 2 and not (out / "fit.pt").exists()  # WELS: sparse, nothing to slice
+
+
+BAD_INVOCATIONS = [
+    # (arguments, words the one-line error must contain)
+    (["evolve", "no_such_net"], "unknown"),
+    (["evolve", "resnet18", "--rate", "0"], "rate"),
+    (["evolve", "resnet18", "--rate", "1.5"], "rate"),
+    (["evolve", "resnet18", "--rate", "half"], "rate"),
+    (["evolve", "resnet18", "--split", "random"], "split"),
+    (["evolve", "resnet18", "--generations", "0"], "generations"),
+    (["evolve", "resnet18", "--epochs", "0"], "epochs"),
+    (["evolve", "resnet18", "--batch-size", "0"], "batch-size"),
+    (["evolve", "resnet18", "--target-accuracy", "90"], "target-accuracy"),
+    (["evolve", "resnet18", "--device", "tpu"], "device"),
+    (["evolve", "resnet18", "--num-classes", "5"], "5 outputs but the data has 10 classes"),
+    (["evolve", "{missing}"], "does not exist"),
+    (["evolve", "{empty_file}"], "empty"),
+    (["evolve", "{text_file}"], "not"),
+    (["evolve", "{state_dict}"], "state_dict"),
+    (["evolve", "resnet18", "--data", "{missing_dir}"], "does not exist"),
+    (["evolve", "resnet18", "--data", "{empty_dir}"], "empty"),
+    (["evolve", "resnet18", "--out", "{text_file}"], "is a file"),
+    (["evolve", "resnet18", "--out", "{used_dir}"], "--resume"),
+    (["evolve", "resnet18", "--out", "{empty_dir}", "--resume"], "nothing to resume"),
+    (["evolve"], "Missing argument"),
+    (["evolve", "resnet18", "--no-such-option"], "No such option"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_INVOCATIONS, ids=[" ".join(a) for a, _ in BAD_INVOCATIONS])
+def test_bad_input_gets_one_line_and_status_2(argv, expected, tmp_path, capsys):
+    files = {
+        "missing": tmp_path / "missing.pt", "empty_file": tmp_path / "empty.pt",
+        "text_file": tmp_path / "notes.pt", "state_dict": tmp_path / "weights.pt",
+        "missing_dir": tmp_path / "no_data", "empty_dir": tmp_path / "empty_dir",
+        "used_dir": tmp_path / "used",
+    }
+    files["empty_file"].write_bytes(b"")
+    files["text_file"].write_text("not a model\n")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), files["state_dict"])
+    files["empty_dir"].mkdir()
+    files["used_dir"].mkdir()
+    (files["used_dir"] / "config.json").write_text("{}")
+    before = snapshot(tmp_path)
+    argv = [a.format(**files) for a in argv]
+    status, stdout, err = run(capsys, *argv, "--out" if "--out" not in argv else "--seed",
+                              str(tmp_path / "out") if "--out" not in argv else "0")
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert expected.lower() in lines[0].lower()
+    assert "Traceback" not in err + stdout
+    assert snapshot(tmp_path) == before  # nothing of the user's changed, nothing half-written
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_console_script_and_python_m_work():
+    for command in (["kecompress", "--help"], [sys.executable, "-m", "kecompress", "evolve", "--help"]):
+        exe = Path(sys.executable).parent / command[0] if command[0] == "kecompress" else None
+        argv = [str(exe)] + command[1:] if exe else command
+        result = subprocess.run(argv, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "evolve" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "kecompress", "evolve", "resnet18", "--rate", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "rate" in result.stderr
