@@ -5,6 +5,7 @@ Every user error ends in one line on stderr naming the problem and the fix, exit
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from . import __version__
 from . import data as datasets
 from . import rundir
 from .errors import KecompressError
-from .evolve import Evolution, TrainingConfig
+from .evolve import Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
 from .report import RichReporter
 from .split import Split, check_rate, split as make_split
@@ -179,8 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         kecompress: split rate must be in (0, 1], got 2.0: e.g. 0.5
         2
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         app.main(args=argv, prog_name="kecompress", standalone_mode=False)
+    except RunInterrupted as stop:
+        again = shlex.join(["kecompress", *argv] + ([] if "--resume" in argv else ["--resume"]))
+        print(f"kecompress: {stop}" + (f"; resume with: {again}" if stop.saved else ""), file=sys.stderr)
+        return 130
     except click.UsageError as error:
         command = error.ctx.command_path if error.ctx else "kecompress"
         print(f"kecompress: {error.format_message()} (see {command} --help)", file=sys.stderr)

@@ -10,7 +10,10 @@ hypothesis are evaluated; a target metric for the fit hypothesis can end the run
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -59,6 +62,20 @@ class TrainingConfig:
         if not 0 <= self.warmup_epochs < self.epochs:
             raise KecompressError(
                 f"warm-up epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} epochs")
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by Ctrl-C (SIGINT) after saving a checkpoint it can resume from.
+
+    Example:
+        >>> str(RunInterrupted(2, 3, 17, saved=True))
+        'interrupted at generation 2, epoch 3, step 17; a checkpoint was saved'
+    """
+
+    def __init__(self, generation: int, epoch: int, step: int, saved: bool):
+        self.generation, self.epoch, self.step, self.saved = generation, epoch, step, saved
+        super().__init__(f"interrupted at generation {generation}, epoch {epoch}, step {step}; "
+                         + ("a checkpoint was saved" if saved else "nothing was saved (no run directory)"))
 
 
 class Reporter(Protocol):
@@ -186,16 +203,22 @@ class Evolution:
         self.reporter = reporter
         self.history: list[dict] = []
         self._position = (1, 0)  # (generation, epochs of it already trained)
+        self._epoch_progress = None  # how far into the next epoch a Ctrl-C checkpoint got
         self._optimizer_state = self._schedule_state = None
+        self._stop_requested = False
 
     # -- checkpoints --------------------------------------------------------------------
-    def checkpoint_state(self, generation: int, epochs_done: int, optimizer, schedule) -> dict:
+    def checkpoint_state(self, generation: int, epochs_done: int, optimizer, schedule,
+                         epoch_progress: dict | None = None) -> dict:
         """Everything a resumed run needs, as plain tensors and numbers (``weights_only`` safe).
+
+        ``epoch_progress`` (steps, loss sum and samples so far) marks a checkpoint taken inside
+        an epoch, when the run is stopped with Ctrl-C.
 
         Example:
             >>> # written for you every epoch when ``run_dir`` is set
         """
-        return {"generation": generation, "epochs_done": epochs_done,
+        return {"generation": generation, "epochs_done": epochs_done, "epoch_progress": epoch_progress,
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "history": self.history,
                 "rng": torch.get_rng_state(), "config": asdict(self.config)}
@@ -225,6 +248,7 @@ class Evolution:
                                   f"({', '.join(changed)}): resume with the same settings or use another --out")
         self.history = list(state["history"])
         self._position = (state["generation"], state["epochs_done"])
+        self._epoch_progress = state.get("epoch_progress")
         self._optimizer_state, self._schedule_state = state["optimizer"], state["schedule"]
         torch.set_rng_state(state["rng"].cpu())
         return self
@@ -239,16 +263,38 @@ class Evolution:
         Example:
             >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
         """
-        config = self.config
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._stop_on_ctrl_c():
+            return self._run()
+
+    @contextmanager
+    def _stop_on_ctrl_c(self):
+        """First Ctrl-C: stop after the current step with a checkpoint. Second: stop at once
+        (every file is written atomically, so nothing is left half-written)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _run(self) -> list[dict]:
+        config = self.config
         generation, epochs_done = self._position
         if epochs_done >= config.epochs:  # the checkpoint closed a generation
             generation, epochs_done = generation + 1, 0
         if self.history and self._target_reached(self.history[-1]):
             return self.history
         while generation <= config.generations:
-            if epochs_done == 0 and generation > 1:
+            if epochs_done == 0 and generation > 1 and not self._epoch_progress:
                 reset_(self.model, self.split, seed=_epoch_seed(config.seed, generation, -1))
             record = self._train_generation(generation, epochs_done)
             if self.run_dir is not None:
@@ -267,7 +313,7 @@ class Evolution:
         config = self.config
         steps = len(self.train_loader)
         optimizer, schedule = make_optimizer(self.model, config, steps)
-        if epochs_done > 0:  # resuming inside this generation
+        if epochs_done > 0 or self._epoch_progress:  # resuming inside this generation
             optimizer.load_state_dict(self._optimizer_state)
             schedule.load_state_dict(self._schedule_state)
         if self.reporter:
@@ -300,8 +346,13 @@ class Evolution:
         if self.reporter:
             self.reporter.epoch_started(generation, epoch)
         self.model.train()
-        total, count = 0.0, 0
+        progress, self._epoch_progress = self._epoch_progress, None
+        skip, total, count = (progress["steps"], progress["loss_sum"], progress["samples"]) if progress else (0, 0.0, 0)
         for step, (inputs, targets) in enumerate(self.train_loader):
+            if step < skip:  # already trained before a Ctrl-C; loading it replays the augmentation draws
+                if step + 1 == skip:
+                    torch.set_rng_state(progress["rng"])
+                continue
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             loss = self.loss_fn(self.model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -317,7 +368,18 @@ class Evolution:
             count += len(inputs)
             if self.reporter:
                 self.reporter.step_done(value, len(inputs))
+            if self._stop_requested:
+                self._save_interrupted(generation, epoch, optimizer, schedule,
+                                       {"steps": step + 1, "loss_sum": total, "samples": count,
+                                        "rng": torch.get_rng_state()})
         return total / max(count, 1)
+
+    def _save_interrupted(self, generation: int, epoch: int, optimizer, schedule, progress: dict):
+        self._stop_requested = False
+        if self.run_dir is not None:
+            save_torch(self.checkpoint_state(generation, epoch, optimizer, schedule, progress),
+                       self.run_dir / CHECKPOINT)
+        raise RunInterrupted(generation, epoch + 1, progress["steps"], saved=self.run_dir is not None)
 
     def evaluate_fit(self) -> tuple[float, float, int]:
         """Loss, metric and parameter count of the fit hypothesis on the validation data.

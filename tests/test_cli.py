@@ -1,7 +1,8 @@
 import json
-import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,20 @@ def test_the_console_script_and_python_m_work():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "rate" in result.stderr
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "kecompress", "evolve", "mobilenet_v3_small", "--generations", "2",
+            "--epochs", "3", "--out", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # inside the first epoch
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "a checkpoint was saved; resume with: kecompress evolve mobilenet_v3_small" in err
+    assert err.strip().endswith("--resume") and "Traceback" not in err
+    assert (out / "checkpoint.pt").is_file()

@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
-from kecompress.evolve import accuracy, evaluate
+from kecompress.evolve import RunInterrupted, accuracy, evaluate
 
 
 def small_cnn():
@@ -163,3 +165,28 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
 def test_bad_training_settings_are_refused(field, value, message):
     with pytest.raises(KecompressError, match=message):
         TrainingConfig(**{field: value})
+
+
+class CtrlC(Snapshots):
+    """Presses Ctrl-C (a real SIGINT) at the given training step."""
+
+    def step_done(self, loss, samples):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(tmp_path):
+    reference, reference_history = run_to_the_end(tmp_path / "a")
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    config = TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4)
+    with pytest.raises(RunInterrupted, match="generation 2, epoch 1, step 3; a checkpoint was saved"):
+        Evolution(model, s, train, val, config, run_dir=tmp_path / "b", reporter=CtrlC(model, 13)).run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    model, history = run_to_the_end(tmp_path / "b", resume=True)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(history) == strip(reference_history)
