@@ -18,6 +18,7 @@ from . import __version__
 from . import data as datasets
 from . import rundir
 from .errors import KecompressError
+from .files import remove_stale_temporaries
 from .evolve import Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
 from .report import RichReporter
@@ -96,6 +97,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     }
     if resume:
         _check_same_run(out, run_config)
+        remove_stale_temporaries(out)
         the_split = Split.load(out / rundir.SPLIT)
         the_split.check_matches(net)
     else:
@@ -196,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KecompressError as error:
         print(f"kecompress: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only directory: the previous files are intact
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"kecompress: cannot read or write a file{where}: {error.strerror or error}; free disk space "
+              "or choose a writable location, then run again (with --resume to continue a run)", file=sys.stderr)
         return 2
     return 0
 

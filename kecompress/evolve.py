@@ -221,7 +221,10 @@ class Evolution:
         return {"generation": generation, "epochs_done": epochs_done, "epoch_progress": epoch_progress,
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "history": self.history,
-                "rng": torch.get_rng_state(), "config": asdict(self.config)}
+                "rng": torch.get_rng_state(), "config": asdict(self.config), "split": self._split_identity()}
+
+    def _split_identity(self) -> dict:
+        return {"method": self.split.method, "rate": self.split.rate, "seed": self.split.seed}
 
     def resume(self, checkpoint_path: str | Path | None = None) -> "Evolution":
         """Continue from a checkpoint written by an earlier run of the same configuration.
@@ -240,6 +243,9 @@ class Evolution:
         except Exception as error:
             raise KecompressError(f"cannot resume from {path} ({error.__class__.__name__}): the checkpoint "
                                   "is damaged or from another model; start a new run with another --out") from None
+        if state.get("split") != self._split_identity():
+            raise KecompressError(f"the checkpoint in {path.parent} belongs to another split ({state.get('split')}): "
+                                  "resume with the split it was made with, or use another --out")
         saved = {key: value for key, value in state["config"].items() if key != "target"}
         current = {key: value for key, value in asdict(self.config).items() if key != "target"}
         if saved != current:

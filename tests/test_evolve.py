@@ -190,3 +190,13 @@ def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(tmp_pat
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(history) == strip(reference_history)
+
+
+def test_resume_refuses_a_checkpoint_of_another_split(tmp_path):
+    run_to_the_end(tmp_path)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.25, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    other = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4), run_dir=tmp_path)
+    with pytest.raises(KecompressError, match="another split"):
+        other.resume()
