@@ -265,6 +265,10 @@ def trace_dependency_graph(model: nn.Module, example_inputs=None) -> tp.Dependen
     _check_splittable_layers(model)
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        # torch-pruning first tries model(*inputs): a bare tensor would be unpacked along the
+        # batch and run a whole failing forward pass before the right call.
+        example_inputs = (example_inputs,)
     was_training = model.training
     try:
         with torch.enable_grad():
