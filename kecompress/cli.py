@@ -5,6 +5,7 @@ Every user error ends in one line on stderr naming the problem and the fix, exit
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import asdict
@@ -18,10 +19,13 @@ from . import __version__
 from . import data as datasets
 from . import rundir
 from .errors import KecompressError
+from .bench import latency_table, measure_latency
+from .export import export_pair, export_table
 from .files import remove_stale_temporaries
 from .evolve import Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
 from .report import RichReporter
+from .slim import slice_fit
 from .split import Split, check_rate, split as make_split
 
 console = Console()
@@ -74,7 +78,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     config = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
                             warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
     _check_numbers(batch_size=batch_size, label_smoothing=label_smoothing, val_fraction=val_fraction,
-                   target_accuracy=target_accuracy, image_size=image_size)
+                   target_accuracy=target_accuracy, image_size=image_size, num_classes=num_classes)
     torch_device = _device(device)
     _check_out_dir(out, resume)
 
@@ -125,6 +129,104 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                   + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
 
 
+SOURCE_HELP = "a finished run directory, a torchvision architecture name, or a .pt file holding a whole model"
+
+
+def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, image_size, trust_model_file):
+    """The dense network, its slim fit and the input shape: from a finished run or an untrained model."""
+    if (Path(source) / rundir.CONFIG).is_file():
+        dense, the_split, config = rundir.load_run(source, trust_file=trust_model_file)
+        input_shape = (3, image_size or config["image_size"], image_size or config["image_size"])
+        if the_split.method != "kels":
+            slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
+        dense_for_fit = None if config.get("arch") else rundir.build_dense(config, source, trust_model_file)
+        fit = rundir.load_fit(Path(source) / rundir.FIT, dense=dense_for_fit)
+        return dense, fit, input_shape
+    rate = check_rate(rate)
+    dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
+    size = image_size or 224
+    input_shape = (3, size, size)
+    example = torch.zeros(1, *input_shape)
+    output_features(dense, example)  # a clear error when the model does not take this input
+    the_split = make_split(dense, split_method, rate, example_inputs=example)
+    return dense, slice_fit(dense, the_split, example_inputs=example), input_shape
+
+
+def _model_options(command):
+    """The options that choose the network when SOURCE is not a finished run."""
+    for option in reversed([
+        click.option("--split", "split_method", type=click.Choice(["kels", "wels"]), default="kels",
+                     help="split of an untrained model (a run directory has its own)"),
+        click.option("--rate", type=float, default=0.5, help="split rate in (0, 1] of an untrained model"),
+        click.option("--num-classes", type=int, default=None, help="outputs of a torchvision architecture [default: 1000]"),
+        click.option("--input-size", "image_size", type=int, default=None,
+                     help="input height and width [default: the run's, or 224]"),
+        click.option("--trust-model-file", is_flag=True, help=TRUST_HELP),
+    ]):
+        command = option(command)
+    return command
+
+
+@app.command()
+@click.argument("source")
+@click.option("--onnx", "onnx_format", is_flag=True, help="write ONNX files (the one format for now)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="directory for dense.onnx and fit.onnx [default: RUN_DIR/onnx, or ./onnx]")
+@click.option("--opset", type=int, default=17, help="ONNX opset, 17 to 20")
+@click.option("--batch-size", type=int, default=1, help="batch size of the exported graph")
+@click.option("--dynamic-batch", is_flag=True, help="leave the batch dimension free")
+@click.option("--force", is_flag=True, help="replace dense.onnx and fit.onnx already in --out")
+@_model_options
+def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, split_method, rate,
+           num_classes, image_size, trust_model_file):
+    """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
+
+    SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
+    """
+    if not onnx_format:
+        raise KecompressError("choose an export format: pass --onnx")
+    _check_numbers(batch_size=batch_size, input_size=image_size, num_classes=num_classes)
+    out = out or (Path(source) / "onnx" if (Path(source) / rundir.CONFIG).is_file() else Path("onnx"))
+    if out.exists() and not out.is_dir():
+        raise KecompressError(f"--out {out} is a file: pass a directory path")
+    existing = [name for name in ("dense.onnx", "fit.onnx") if (out / name).exists()]
+    if existing and not force:
+        raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
+                              "or choose another --out")
+    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    rows = export_pair(dense, fit, out, input_shape, batch_size, opset, dynamic_batch)
+    console.print(export_table(rows))
+
+
+@app.command()
+@click.argument("source")
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, default=(1,),
+              help="batch size to time; repeat for several")
+@click.option("--runtime", "runtimes", type=click.Choice(["onnxruntime", "torch"]), multiple=True,
+              default=("onnxruntime", "torch"), help="runtime to time; repeat for several")
+@click.option("--threads", type=int, default=2, help="CPU threads each runtime may use")
+@click.option("--warmup", type=int, default=10, help="untimed runs of each network first")
+@click.option("--runs", type=int, default=50, help="timed runs of each network")
+@click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
+@_model_options
+def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_method, rate, num_classes,
+          image_size, trust_model_file):
+    """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
+
+    SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
+    Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency.
+    """
+    _check_numbers(input_size=image_size, num_classes=num_classes)
+    for batch_size in batch_sizes:
+        _check_numbers(batch_size=batch_size)
+    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        console.print(latency_table(result, title=f"{source}: dense vs fit"))
+
+
 def _is_file(model: str) -> bool:
     return Path(model).suffix in (".pt", ".pth") or Path(model).exists()
 
@@ -136,6 +238,8 @@ def _check_numbers(**values) -> None:
         "val_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
         "target_accuracy": (lambda v: v is None or 0 < v <= 1, "must be a fraction in (0, 1], e.g. 0.9"),
         "image_size": (lambda v: v is None or v >= 8, "must be at least 8 pixels"),
+        "input_size": (lambda v: v is None or v >= 8, "must be at least 8 pixels"),
+        "num_classes": (lambda v: v is None or v >= 1, "must be at least 1"),
     }
     for name, value in values.items():
         check, rule = rules[name]

@@ -90,60 +90,6 @@ def test_a_wels_run_from_a_model_file_on_an_image_folder(tmp_path, capsys):
     assert len(metrics) == 2 and not (out / "fit.pt").exists()  # WELS: sparse, nothing to slice
 
 
-BAD_INVOCATIONS = [
-    # (arguments, words the one-line error must contain)
-    (["evolve", "no_such_net"], "unknown"),
-    (["evolve", "resnet18", "--rate", "0"], "rate"),
-    (["evolve", "resnet18", "--rate", "1.5"], "rate"),
-    (["evolve", "resnet18", "--rate", "half"], "rate"),
-    (["evolve", "resnet18", "--split", "random"], "split"),
-    (["evolve", "resnet18", "--generations", "0"], "generations"),
-    (["evolve", "resnet18", "--epochs", "0"], "epochs"),
-    (["evolve", "resnet18", "--batch-size", "0"], "batch-size"),
-    (["evolve", "resnet18", "--target-accuracy", "90"], "target-accuracy"),
-    (["evolve", "resnet18", "--device", "tpu"], "device"),
-    (["evolve", "resnet18", "--num-classes", "5"], "5 outputs but the data has 10 classes"),
-    (["evolve", "{missing}"], "does not exist"),
-    (["evolve", "{empty_file}"], "empty"),
-    (["evolve", "{text_file}"], "not"),
-    (["evolve", "{state_dict}"], "state_dict"),
-    (["evolve", "resnet18", "--data", "{missing_dir}"], "does not exist"),
-    (["evolve", "resnet18", "--data", "{empty_dir}"], "empty"),
-    (["evolve", "resnet18", "--out", "{text_file}"], "is a file"),
-    (["evolve", "resnet18", "--out", "{used_dir}"], "--resume"),
-    (["evolve", "resnet18", "--out", "{empty_dir}", "--resume"], "nothing to resume"),
-    (["evolve"], "Missing argument"),
-    (["evolve", "resnet18", "--no-such-option"], "No such option"),
-]
-
-
-@pytest.mark.parametrize("argv, expected", BAD_INVOCATIONS, ids=[" ".join(a) for a, _ in BAD_INVOCATIONS])
-def test_bad_input_gets_one_line_and_status_2(argv, expected, tmp_path, capsys):
-    files = {
-        "missing": tmp_path / "missing.pt", "empty_file": tmp_path / "empty.pt",
-        "text_file": tmp_path / "notes.pt", "state_dict": tmp_path / "weights.pt",
-        "missing_dir": tmp_path / "no_data", "empty_dir": tmp_path / "empty_dir",
-        "used_dir": tmp_path / "used",
-    }
-    files["empty_file"].write_bytes(b"")
-    files["text_file"].write_text("not a model\n")
-    torch.save(torch.nn.Linear(2, 2).state_dict(), files["state_dict"])
-    files["empty_dir"].mkdir()
-    files["used_dir"].mkdir()
-    (files["used_dir"] / "config.json").write_text("{}")
-    before = snapshot(tmp_path)
-    argv = [a.format(**files) for a in argv]
-    status, stdout, err = run(capsys, *argv, "--out" if "--out" not in argv else "--seed",
-                              str(tmp_path / "out") if "--out" not in argv else "0")
-    assert status == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert expected.lower() in lines[0].lower()
-    assert "Traceback" not in err + stdout
-    assert snapshot(tmp_path) == before  # nothing of the user's changed, nothing half-written
-    assert not (tmp_path / "out").exists()
-
-
 def test_the_console_script_and_python_m_work():
     for command in (["kecompress", "--help"], [sys.executable, "-m", "kecompress", "evolve", "--help"]):
         exe = Path(sys.executable).parent / command[0] if command[0] == "kecompress" else None
@@ -172,3 +118,33 @@ def test_ctrl_c_stops_with_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert "a checkpoint was saved; resume with: kecompress evolve mobilenet_v3_small" in err
     assert err.strip().endswith("--resume") and "Traceback" not in err
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_export_of_a_finished_run_writes_checked_onnx_files(finished_run, tmp_path, capsys):
+    status, stdout, err = run(capsys, "export", finished_run, "--onnx", "--out", tmp_path / "onnx")
+    assert status == 0, err
+    assert (tmp_path / "onnx" / "dense.onnx").is_file() and (tmp_path / "onnx" / "fit.onnx").is_file()
+    assert "fit" in stdout and "MACs" in stdout
+    import onnxruntime as ort
+    fit = ort.InferenceSession(str(tmp_path / "onnx" / "fit.onnx"), providers=["CPUExecutionProvider"])
+    assert fit.get_inputs()[0].shape == [1, 3, 32, 32]  # the run's input size
+
+
+def test_export_of_an_untrained_model_with_a_dynamic_batch(tmp_path, capsys):
+    status, _, err = run(capsys, "export", "mobilenet_v3_small", "--split", "kels", "--rate", "0.5", "--onnx",
+                         "--input-size", "64", "--dynamic-batch", "--out", tmp_path)
+    assert status == 0, err
+    import numpy as np
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tmp_path / "fit.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": np.zeros((3, 3, 64, 64), np.float32)})[0].shape == (3, 1000)
+
+
+def test_bench_prints_json_per_batch_size(finished_run, capsys):
+    status, stdout, err = run(capsys, "bench", finished_run, "--json", "--batch-size", "1", "--batch-size", "4",
+                              "--warmup", "1", "--runs", "3")
+    assert status == 0, err
+    result = json.loads(stdout)
+    assert [r["batch_size"] for r in result["results"]] == [1, 4]
+    for row in result["results"]:
+        assert row["macs_ratio"] > 2.5 and row["ort_speedup"] > 0 and row["torch_speedup"] > 0
