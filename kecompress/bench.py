@@ -1,0 +1,253 @@
+"""Cost of the dense network and its slim fit: MACs, parameters, and CPU latency.
+
+The MAC ratio (dense / fit) is the ceiling a latency ratio is judged against: the fit can run
+at most that much faster. Latency is measured like a benchmark, not a test: a fixed thread
+count, warm-up runs, many timed runs, the median and the 90th percentile, dense and fit in the
+same process and interleaved (dense, fit, dense, fit, ...) so that machine drift hits both.
+
+Only a KELS fit is worth timing: a WELS fit is the dense network with zeros in it, and dense
+runtimes (onnxruntime, PyTorch) multiply zeros as fast as any other number, at dense speed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from rich.table import Table
+
+from .errors import KecompressError
+from .export import INPUT_NAME, eval_mode, example_input, export_onnx, onnx_session
+
+RUNTIMES = ("onnxruntime", "torch")
+# onnxruntime's idle intra-op threads keep spinning for tens of milliseconds after a run; with
+# two sessions interleaved, the idle one's spinning threads halve the other's speed on a small
+# machine (measured: ResNet18, 2 threads, 17.9 -> 35.8 ms). Stopping the spin at the end of each
+# run keeps the spin inside runs, where it speeds them up.
+_TIMING_CONFIG = {"session.force_spinning_stop": "1"}
+_PREFIX = {"onnxruntime": "ort", "torch": "torch"}
+_FIELDS = ("dense_median_ms", "dense_p90_ms", "fit_median_ms", "fit_p90_ms", "speedup", "efficiency")
+
+
+def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass of one sample, and the parameter count.
+
+    Counted by torch-pruning's ``tp.utils.count_ops_and_params``: convolutions and linear
+    layers (a bias counts one per output), normalisation, pooling and ReLU-style activations;
+    functional operations (residual additions, SiLU/Hardswish modules it does not know) are not.
+
+    Args:
+        model: any network; it is not modified.
+        input_shape: the shape of one sample, without the batch dimension.
+
+    Returns:
+        ``(macs, params)`` as integers.
+
+    Example:
+        >>> count_macs_params(nn.Linear(4, 2), (4,))
+        (10, 10)
+    """
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_input(model, input_shape))
+    return int(macs), int(params)
+
+
+def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224), batch_sizes=(1,),
+                    runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50) -> dict:
+    """Time the dense and the fit network on the CPU, interleaved, in each runtime.
+
+    For onnxruntime both networks are exported (static shapes, opset 17) to a temporary
+    directory and run with ``threads`` intra-op threads, one inter-op thread, all graph
+    optimisations, and the intra-op threads told to stop spinning at the end of each run (so
+    that the idle session's threads do not steal the cores of the running one). For PyTorch
+    they run eagerly in eval mode under ``torch.inference_mode`` with
+    ``torch.set_num_threads(threads)``; the previous thread count and the models' train/eval
+    modes are restored afterwards.
+
+    Args:
+        dense: the dense network.
+        fit: its slim fit network (:func:`kecompress.slice_fit`).
+        input_shape: the shape of one sample, without the batch dimension.
+        batch_sizes: the batch sizes to time, each separately.
+        runtimes: any of ``"onnxruntime"`` and ``"torch"``.
+        threads: CPU threads each runtime may use.
+        warmup: untimed runs of each network before timing.
+        runs: timed runs of each network.
+
+    Returns:
+        A JSON-able dict: ``machine`` (processor, cpu count, versions, threads), ``settings``,
+        ``dense`` and ``fit`` (``macs`` per sample, ``params``), ``macs_ratio``, and ``results``:
+        one dict per batch size with ``batch_size``, ``macs_ratio`` and, per runtime (prefix
+        ``ort_`` or ``torch_``; ``None`` when not measured), ``*_dense_median_ms``,
+        ``*_dense_p90_ms``, ``*_fit_median_ms``, ``*_fit_p90_ms``, ``*_speedup`` (dense median
+        / fit median) and ``*_efficiency`` (speedup / MAC ratio; 1 means the fit gains all that
+        its MACs promise).
+
+    Raises:
+        KecompressError: an unknown runtime, a non-positive count, or models not on the CPU.
+
+    Example:
+        >>> import torchvision, kecompress
+        >>> dense = torchvision.models.resnet18(num_classes=10)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> fit = kecompress.slice_fit(dense, kecompress.split(dense, "kels", 0.5, x), x)
+        >>> result = measure_latency(dense, fit, (3, 64, 64), warmup=1, runs=3)
+        >>> sorted(k for k in result["results"][0] if k.endswith("speedup"))
+        ['ort_speedup', 'torch_speedup']
+    """
+    runtimes = _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs)
+    dense_macs, dense_params = count_macs_params(dense, input_shape)
+    fit_macs, fit_params = count_macs_params(fit, input_shape)
+    macs_ratio = dense_macs / fit_macs
+    results = []
+    for batch_size in batch_sizes:
+        sample = example_input(dense, input_shape, batch_size)
+        sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))
+        row = {"batch_size": int(batch_size), "macs_ratio": macs_ratio}
+        for runtime in RUNTIMES:
+            prefix = _PREFIX[runtime]
+            if runtime not in runtimes:
+                row.update({f"{prefix}_{key}": None for key in _FIELDS})
+                continue
+            timer = _time_onnxruntime if runtime == "onnxruntime" else _time_torch
+            dense_ms, fit_ms = timer(dense, fit, sample, threads, warmup, runs)
+            speedup = float(np.median(dense_ms) / np.median(fit_ms))
+            row.update({
+                f"{prefix}_dense_median_ms": float(np.median(dense_ms)),
+                f"{prefix}_dense_p90_ms": float(np.percentile(dense_ms, 90)),
+                f"{prefix}_fit_median_ms": float(np.median(fit_ms)),
+                f"{prefix}_fit_p90_ms": float(np.percentile(fit_ms, 90)),
+                f"{prefix}_speedup": speedup,
+                f"{prefix}_efficiency": speedup / macs_ratio,
+            })
+        results.append(row)
+    return {
+        "machine": machine_description(threads),
+        "settings": {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
+                     "runtimes": list(runtimes)},
+        "dense": {"macs": dense_macs, "params": dense_params},
+        "fit": {"macs": fit_macs, "params": fit_params},
+        "macs_ratio": macs_ratio,
+        "results": results,
+    }
+
+
+def machine_description(threads: int | None = None) -> dict:
+    """What a latency figure was measured on: processor, cores, library versions.
+
+    Example:
+        >>> machine_description(2)["threads"]
+        2
+    """
+    return {"processor": _processor_name(), "machine": platform.machine(), "system": platform.system(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": ort.__version__, "threads": threads}
+
+
+def latency_table(result: dict, title: str = "Latency, dense vs fit") -> Table:
+    """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size.
+
+    Example:
+        >>> row = {"batch_size": 1, "macs_ratio": 4.0, "ort_dense_median_ms": 8.0, "ort_dense_p90_ms": 9.0,
+        ...        "ort_fit_median_ms": 2.0, "ort_fit_p90_ms": 2.5, "ort_speedup": 4.0, "ort_efficiency": 1.0,
+        ...        "torch_dense_median_ms": None, "torch_dense_p90_ms": None, "torch_fit_median_ms": None,
+        ...        "torch_fit_p90_ms": None, "torch_speedup": None, "torch_efficiency": None}
+        >>> latency_table({"results": [row]}).row_count
+        1
+    """
+    table = Table(title=title, caption="latency: median / 90th percentile ms; efficiency: speedup / MAC ratio")
+    table.add_column("batch", justify="right")
+    table.add_column("MAC ratio", justify="right")
+    for name in ("ORT", "torch"):
+        for column in ("dense ms", "fit ms", "speedup", "efficiency"):
+            table.add_column(f"{name} {column}", justify="right")
+    for row in result["results"]:
+        cells = [str(row["batch_size"]), f"{row['macs_ratio']:.2f}x"]
+        for prefix in ("ort", "torch"):
+            if row[f"{prefix}_speedup"] is None:
+                cells += ["-"] * 4
+                continue
+            cells += [f"{row[f'{prefix}_dense_median_ms']:.2f} / {row[f'{prefix}_dense_p90_ms']:.2f}",
+                      f"{row[f'{prefix}_fit_median_ms']:.2f} / {row[f'{prefix}_fit_p90_ms']:.2f}",
+                      f"{row[f'{prefix}_speedup']:.2f}x", f"{row[f'{prefix}_efficiency']:.2f}"]
+        table.add_row(*cells)
+    return table
+
+
+def _time_interleaved(run_dense, run_fit, warmup: int, runs: int) -> tuple[list[float], list[float]]:
+    """Milliseconds of each timed run of the two callables, alternating between them."""
+    for _ in range(warmup):
+        run_dense()
+        run_fit()
+    dense_ms, fit_ms = [], []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of one run would be timed as that run's
+    try:
+        for _ in range(runs):
+            for run, times in ((run_dense, dense_ms), (run_fit, fit_ms)):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return dense_ms, fit_ms
+
+
+def _time_onnxruntime(dense, fit, sample, threads, warmup, runs):
+    feed = {INPUT_NAME: sample.cpu().numpy()}
+    sessions = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name, model in (("dense", dense), ("fit", fit)):
+            path = export_onnx(model, Path(directory) / f"{name}.onnx", tuple(sample.shape[1:]), sample.shape[0])
+            sessions.append(onnx_session(path, threads=threads, config=_TIMING_CONFIG))
+    dense_session, fit_session = sessions
+    return _time_interleaved(lambda: dense_session.run(None, feed), lambda: fit_session.run(None, feed),
+                             warmup, runs)
+
+
+def _time_torch(dense, fit, sample, threads, warmup, runs):
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with eval_mode(dense), eval_mode(fit), torch.inference_mode():
+            return _time_interleaved(lambda: dense(sample), lambda: fit(sample), warmup, runs)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs) -> tuple[str, ...]:
+    runtimes = (runtimes,) if isinstance(runtimes, str) else tuple(runtimes)
+    unknown = [runtime for runtime in runtimes if runtime not in RUNTIMES]
+    if unknown or not runtimes:
+        raise KecompressError(f"unknown runtime(s) {unknown or runtimes!r}: choose from {', '.join(RUNTIMES)}")
+    settings = [("threads", threads, 1), ("runs", runs, 1), ("warmup", warmup, 0)]
+    settings += [("batch size", size, 1) for size in batch_sizes] or [("batch_sizes", batch_sizes, 1)]
+    for name, value, least in settings:
+        if not isinstance(value, int) or value < least:
+            raise KecompressError(f"bad benchmark setting {name}={value!r}: threads, runs and batch sizes "
+                                  "must be positive integers, warmup zero or more")
+    for model in (dense, fit):
+        if any(parameter.device.type != "cpu" for parameter in model.parameters()):
+            raise KecompressError("measure_latency times CPU inference: move both models to the CPU (model.cpu())")
+    return runtimes
+
+
+def _processor_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

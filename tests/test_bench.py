@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+import kecompress
+from kecompress.bench import count_macs_params, latency_table, measure_latency
+from kecompress.errors import KecompressError
+
+from conftest import build
+
+SHAPE = (3, 64, 64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Small inputs gain nothing from a second thread, and on a busy machine OpenMP threads
+    # mostly wait for each other (measured: 6x slower tests at load 3 on 2 cores).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def resnet18_pair():
+    dense = build("resnet18")
+    example = torch.randn(1, *SHAPE)
+    return dense, kecompress.slice_fit(dense, kecompress.split(dense, "kels", 0.5, example), example)
+
+
+def test_fit_at_rate_half_has_about_a_quarter_of_the_macs(resnet18_pair):
+    dense, fit = resnet18_pair
+    dense_macs, dense_params = count_macs_params(dense, SHAPE)
+    fit_macs, fit_params = count_macs_params(fit, SHAPE)
+    assert dense_params == sum(p.numel() for p in dense.parameters())
+    assert fit_params == sum(p.numel() for p in fit.parameters())
+    assert 3.3 <= dense_macs / fit_macs <= 4.1  # about 1 / rate**2; the stem keeps its RGB inputs
+
+
+def test_measure_latency_reports_every_field(resnet18_pair):
+    dense, fit = resnet18_pair
+    threads = torch.get_num_threads()
+    result = measure_latency(dense, fit, (3, 32, 32), batch_sizes=(1, 2), threads=threads + 1, warmup=1, runs=3)
+    json.dumps(result)  # JSON-able as it is
+    assert torch.get_num_threads() == threads and dense.training and fit.training
+    assert {"processor", "cpu_count", "torch", "onnxruntime", "threads"} <= set(result["machine"])
+    assert result["fit"]["macs"] < result["dense"]["macs"]
+    assert [row["batch_size"] for row in result["results"]] == [1, 2]
+    for row in result["results"]:
+        for runtime in ("ort", "torch"):
+            for key in ("dense_median_ms", "dense_p90_ms", "fit_median_ms", "fit_p90_ms", "speedup", "efficiency"):
+                assert row[f"{runtime}_{key}"] > 0
+        assert row["macs_ratio"] == result["macs_ratio"]
+        assert row["ort_efficiency"] == pytest.approx(row["ort_speedup"] / row["macs_ratio"])
+    assert latency_table(result).row_count == 2
+
+
+def test_runtimes_not_asked_for_are_none(resnet18_pair):
+    result = measure_latency(*resnet18_pair, (3, 32, 32), runtimes=("torch",), threads=1, warmup=0, runs=1)
+    row = result["results"][0]
+    assert row["ort_speedup"] is None and row["torch_speedup"] > 0
+    assert latency_table(result).row_count == 1
+
+
+@pytest.mark.parametrize("settings", [{"runtimes": ("tensorrt",)}, {"runs": 0}, {"threads": 0},
+                                      {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0,)}])
+def test_bad_settings_are_user_errors(settings, resnet18_pair):
+    with pytest.raises(KecompressError):
+        measure_latency(*resnet18_pair, (3, 32, 32), **settings)
