@@ -129,9 +129,6 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                   + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
 
 
-SOURCE_HELP = "a finished run directory, a torchvision architecture name, or a .pt file holding a whole model"
-
-
 def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, image_size, trust_model_file):
     """The dense network, its slim fit and the input shape: from a finished run or an untrained model."""
     if (Path(source) / rundir.CONFIG).is_file():
