@@ -1,20 +1,20 @@
 """ONNX export of a network (dense or slim fit), checked against PyTorch in onnxruntime.
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``),
-chosen over the dynamo exporter that torch 2.14 makes the default, after measuring both on
-the eight torchvision models of docs/benchmarks.md, dense and fit: both export all of them
-correctly and their graphs run equally fast in onnxruntime (within 2%), but the dynamo
-exporter implements opset 18 and newer only (asked for 17 it silently writes 18, because its
+chosen over the dynamo exporter that torch 2.14 makes the default, after trying both on the
+eight torchvision models of docs/benchmarks.md, dense and fit. Both export all of them
+correctly and their graphs run equally fast in onnxruntime (within 2% where timed), but the
+dynamo exporter implements opset 18 and newer only (asked for 17 it silently writes 18: its
 down-conversion fails on ``ReduceMean``), and it is mostly slower to export (DenseNet121:
-7.6 s against 0.7 s, ResNet18: 3.2 s against 1.7 s). torch marks the TorchScript exporter deprecated; should it go, the dynamo
-exporter with opset 18 is the replacement.
+7.6 s against 0.7 s, ResNet18: 3.2 s against 1.7 s). torch marks the TorchScript exporter
+deprecated; should it go, the dynamo exporter with opset 18 is the replacement.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -66,32 +66,30 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), b
     example = example_input(model, input_shape, batch_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
+    # A unique name beside the target (same file system, so os.replace is atomic); not
+    # tempfile.mkstemp, whose 0600 mode the finished file would keep.
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        _export(model, example, temp_name, opset, dynamic_batch)
-        onnx.checker.check_model(temp_name)
-        os.replace(temp_name, path)
-    except Exception as error:
-        Path(temp_name).unlink(missing_ok=True)
-        if isinstance(error, (KecompressError, KeyboardInterrupt)):
+        _export(model, example, temp, opset, dynamic_batch)
+        onnx.checker.check_model(str(temp))
+        os.replace(temp, path)
+    except BaseException as error:  # Ctrl-C included: never leave the temporary file behind
+        temp.unlink(missing_ok=True)
+        if isinstance(error, KecompressError) or not isinstance(error, Exception):
             raise
-        raise KecompressError(f"ONNX export to {path} failed ({error.__class__.__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); the model must "
-                              "be traceable with one tensor input") from error
-    except BaseException:  # Ctrl-C and friends: still no temporary file left behind
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise KecompressError(f"ONNX export to {path} failed ({error.__class__.__name__}: {first_line}); "
+                              "the model must be traceable with one tensor input") from error
     return path
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool) -> None:
+def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with eval_mode(model), warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (see the module docstring); its
         # deprecation notice would only alarm users.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
 
 

@@ -1,4 +1,5 @@
 import os
+import stat
 
 import onnx
 import pytest
@@ -100,6 +101,13 @@ def test_failed_export_leaves_no_partial_file(stage, existing, tmp_path, monkeyp
     assert os.listdir(tmp_path) == (["m.onnx"] if existing else [])
     if existing:
         assert path.read_bytes() == b"the previous export"
+
+
+def test_exported_file_gets_the_usual_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = export_onnx(tiny(), tmp_path / "m.onnx", (3, 8, 8))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_export_keeps_the_callers_train_and_eval_modes(tmp_path):
