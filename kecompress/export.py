@@ -13,8 +13,6 @@ deprecated; should it go, the dynamo exporter with opset 18 is the replacement.
 from __future__ import annotations
 
 import contextlib
-import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch_pruning as tp
 from rich.table import Table
 
 from .errors import KecompressError
+from .files import atomic_path
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript exporter implements
@@ -66,17 +65,13 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), b
     example = example_input(model, input_shape, batch_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (same file system, so os.replace is atomic); not
-    # tempfile.mkstemp, whose 0600 mode the finished file would keep.
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        _export(model, example, temp, opset, dynamic_batch)
-        onnx.checker.check_model(str(temp))
-        os.replace(temp, path)
-    except BaseException as error:  # Ctrl-C included: never leave the temporary file behind
-        temp.unlink(missing_ok=True)
-        if isinstance(error, KecompressError) or not isinstance(error, Exception):
-            raise
+        with atomic_path(path) as temp:  # the file appears only once the checker accepts it
+            _export(model, example, temp, opset, dynamic_batch)
+            onnx.checker.check_model(str(temp))
+    except KecompressError:
+        raise
+    except Exception as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise KecompressError(f"ONNX export to {path} failed ({error.__class__.__name__}: {first_line}); "
                               "the model must be traceable with one tensor input") from error

@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
