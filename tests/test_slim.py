@@ -30,8 +30,10 @@ def test_sliced_network_equals_the_masked_dense_network(name):
         got = fit(x)
     assert got.shape == expected.shape == (2, 10)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
-    # The fit network really is smaller: exactly the split's fit parameters remain.
+    # The fit network really is smaller: exactly the split's fit parameters remain, about
+    # rate**2 of them (rounding up and the whole logits layer only ever add to it).
     assert sum(p.numel() for p in fit.parameters()) == s.fit_count()
+    assert 0.25 - 0.005 <= s.fit_fraction() <= 1.4 * 0.25
     # The original is untouched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
