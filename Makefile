@@ -17,7 +17,7 @@ demo: $(BIN)/.kecompress-installed
 		--out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(BIN)/.kecompress-installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

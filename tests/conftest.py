@@ -1,6 +1,14 @@
-import torch
-import torchvision
-import pytest
+import os
+
+# One thread per test process, subprocesses included: `make test` runs two processes on two
+# cores, and small tensors gain little from a second thread anyway.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+torch.set_num_threads(1)
 
 # The architectures the toolkit promises to handle, and more torchvision ones beyond them.
 REQUIRED_ARCHS = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "mobilenet_v3_small",

@@ -21,7 +21,7 @@ class RunsACommand:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     paths = {name: root / name for name in (
-        "missing.pt", "empty.pt", "notes.pt", "weights.pt", "truncated.pt", "list.pt", "evil.pt", "five.pt",
+        "missing.pt", "empty.pt", "notes.pt", "weights.pt", "truncated.pt", "list.pt", "evil.pt", "five.pt", "flat.pt",
         "no_data", "empty_dir", "used", "unfinished", "damaged", "one_class", "bad_images", "exported", "a_dir.pt")}
     paths["empty.pt"].write_bytes(b"")
     paths["notes.pt"].write_text("not a model\n")
@@ -29,6 +29,7 @@ def files(tmp_path_factory):
     torch.save(torchvision.models.resnet18(num_classes=5), paths["five.pt"])
     paths["truncated.pt"].write_bytes(paths["five.pt"].read_bytes()[:100_000])
     torch.save([1, 2, 3], paths["list.pt"])
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), paths["flat.pt"])  # takes 12 numbers, not images
     torch.save(RunsACommand(), paths["evil.pt"])
     for name in ("empty_dir", "used", "unfinished", "damaged", "exported", "a_dir.pt"):
         paths[name].mkdir()
@@ -84,6 +85,8 @@ EVOLVE = [
     (["evolve", "resnet18", "--out", "{used}"], "--resume"),
     (["evolve", "resnet18", "--out", "{empty_dir}", "--resume"], "nothing to resume"),
     (["evolve", "resnet18", "--no-such-option"], "no such option"),
+    (["evolve", "{flat_pt}"], "input"),
+    (["evolve", "resnet18", "--out", "/sys/kecompress-run"], "cannot read or write"),
     (["evolve", "shufflenet_v2_x0_5"], "dependency graph"),
 ]
 
@@ -115,6 +118,8 @@ EXPORT = [
     (["export", "resnet18", "--onnx", "--out", "{exported}"], "--force"),
     (["export", "shufflenet_v2_x0_5", "--onnx"], "dependency graph"),
     (["export", "resnet18", "--onnx", "--no-such-option"], "no such option"),
+    (["export", "{flat_pt}", "--onnx"], "input"),
+    (["export", "resnet18", "--onnx", "--input-size", "32", "--out", "/sys/kecompress-onnx"], "cannot read or write"),
 ]
 
 BENCH = [
@@ -145,6 +150,7 @@ BENCH = [
     (["bench", "resnet18", "--num-classes", "0"], "classes"),
     (["bench", "shufflenet_v2_x0_5"], "dependency graph"),
     (["bench", "resnet18", "--no-such-option"], "no such option"),
+    (["bench", "{flat_pt}"], "input"),
 ]
 
 CASES = EVOLVE + EXPORT + BENCH
