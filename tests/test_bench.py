@@ -12,16 +12,6 @@ from conftest import build
 SHAPE = (3, 64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small inputs gain nothing from a second thread, and on a busy machine OpenMP threads
-    # mostly wait for each other (measured: 6x slower tests at load 3 on 2 cores).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def resnet18_pair():
     dense = build("resnet18")

@@ -16,16 +16,6 @@ from conftest import build, randomise_batchnorm
 SHAPE = (3, 64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small inputs gain nothing from a second thread, and on a busy machine OpenMP threads
-    # mostly wait for each other (measured: 6x slower tests at load 3 on 2 cores).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def dense_and_fit(name: str):
     dense = randomise_batchnorm(build(name))
     example = torch.randn(1, *SHAPE)
