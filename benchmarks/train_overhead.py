@@ -10,19 +10,20 @@ Measured side by side in one run, on the same model, data, batch size, optimizer
 3. peak memory (max RSS) of each side, each in its own fresh ``spawn`` child process doing the
    same work (target <= 1.10x).
 
-Nothing printed is hard-coded: every figure is measured in this run. Other processes sharing
-the CPUs make epoch times noisy (with every core in use, a preempted OpenMP thread stalls the
-others). The benchmark measures, from /proc/stat, how much CPU other processes used during each
-epoch; rounds in which they used more than --quiet-cpus are replaced by extra rounds (up to
---max-rounds), and the summary says how many rounds were clean; the plain epochs of odd and even
-rounds are also compared with each other, to show the noise floor. ``--breakdown`` adds a third
-interleaved side, the evolve loop without a reporter, to attribute any overhead. Informational
-rows (target "info") break the costs down further. This is a benchmark, not a test: it always
-exits 0.
+Nothing printed is hard-coded: every figure is measured in this run. Both loops take turns to
+train one model with one optimizer, so that the loop code is the only difference. Other
+processes sharing the CPUs make epoch times noisy (with every core in use, a preempted OpenMP
+thread stalls the others), so the benchmark reads from /proc/stat how much CPU other processes
+used during each epoch: rounds in which they used more than --quiet-cpus are replaced by extra
+rounds (up to --max-rounds and --time-limit), and the summary says how many rounds were clean.
+The plain epochs of odd and even rounds are also compared with each other, as a noise floor.
+``--breakdown`` adds a third interleaved side, the evolve loop without a reporter, to attribute
+any overhead; informational rows (target "info") break the costs down further. This is a
+benchmark, not a test: it always exits 0.
 
 Usage:
     .venv/bin/python benchmarks/train_overhead.py [--model resnet18] [--batch-size 32]
-        [--samples 640] [--rounds 16] [--threads N] [--breakdown] [--json]
+        [--samples 640] [--rounds 30] [--threads N] [--breakdown] [--json]
 """
 
 from __future__ import annotations
@@ -137,9 +138,9 @@ def measure_times(options: dict) -> dict:
     from kecompress.files import save_torch
 
     setup = build_setup(options)
-    # One model, one optimizer and one schedule, which both loops take turns to train: separate
-    # copies would put weights and momentum buffers at different addresses, and on a small VM
-    # that alone can move an epoch by several percent either way.
+    # One model, one optimizer and one schedule, which both loops take turns to train, so that the
+    # loop code is the only difference between the sides (separate copies would also differ in
+    # where their weights and momentum buffers sit in memory).
     model, loader, loss_fn, config = setup["model"], setup["train_loader"], setup["loss_fn"], setup["config"]
     steps = len(loader)
     optimizer, schedule = make_optimizer(model, config, steps)  # same settings as each generation's
@@ -179,9 +180,12 @@ def measure_times(options: dict) -> dict:
         bare(0)
     # Interleaved rounds: plain, evolve (, bare), plain, evolve, ... A round is clean when other
     # processes used at most --quiet-cpus CPUs during each of its epochs; noisy rounds are kept
-    # in the raw figures but replaced by extra rounds, up to --max-rounds in all.
+    # in the raw figures but replaced by extra rounds, up to --max-rounds in all, and none starts
+    # after --time-limit seconds.
     rounds, clean = [], 0
-    while clean < options["rounds"] and len(rounds) < options["max_rounds"]:
+    deadline = time.perf_counter() + options["time_limit"]
+    while clean < options["rounds"] and len(rounds) < options["max_rounds"] and (
+            time.perf_counter() < deadline or len(rounds) < 3):
         epoch = len(rounds) + 1
         round_ = {"plain": watched(timed_plain),
                   "evolve": watched(lambda: evolve_epoch(evolution, reporter, epoch, optimizer, schedule))}
@@ -498,10 +502,12 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=640,
                         help="use only the first N training images (0: all) to keep an epoch short")
-    parser.add_argument("--rounds", type=int, default=16,
+    parser.add_argument("--rounds", type=int, default=30,
                         help="clean interleaved (plain, evolve) epoch pairs wanted")
     parser.add_argument("--max-rounds", type=int, default=0,
                         help="rounds to run at most while looking for --rounds clean ones (0: twice --rounds)")
+    parser.add_argument("--time-limit", type=float, default=300,
+                        help="seconds after which no further rounds start (at least 3 rounds run)")
     parser.add_argument("--quiet-cpus", type=float, default=0.1,
                         help="a round is clean when other processes used at most this many CPUs meanwhile")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
@@ -519,8 +525,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
     if args.samples < 0:
         parser.error("--samples must be 0 or more")
     options = vars(args)
-    if args.max_rounds < 0 or args.quiet_cpus < 0:
-        parser.error("--max-rounds and --quiet-cpus must be 0 or more")
+    if args.max_rounds < 0 or args.quiet_cpus < 0 or args.time_limit < 0:
+        parser.error("--max-rounds, --quiet-cpus and --time-limit must be 0 or more")
     options["max_rounds"] = max(args.max_rounds or 2 * args.rounds, args.rounds)
     # Every side steps the one shared schedule: make it long enough that no epoch runs past its end.
     options["epochs_in_schedule"] = 3 * (options["max_rounds"] + 1) + args.memory_epochs
