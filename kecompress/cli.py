@@ -20,11 +20,12 @@ from . import data as datasets
 from . import rundir
 from .errors import KecompressError
 from .bench import latency_table, measure_latency
+from .charts import metric_name, plot_generations
 from .export import export_pair, export_table
 from .files import remove_stale_temporaries
 from .evolve import Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
-from .report import RichReporter
+from .report import RichReporter, generations_table
 from .slim import slice_fit
 from .split import Split, check_rate, split as make_split
 
@@ -122,11 +123,60 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
             evolution.resume()
         history = evolution.run()
     rundir.save_final(out, net.cpu(), the_split, run_config, example_inputs)
+    plot_generations({out.name: history}, out / rundir.CHART, title=_run_title(out))
     last = history[-1]
     console.print(f"done: generation {last['generation']}, dense accuracy {last['dense_accuracy']:.2%}, "
-                  f"fit accuracy {last['fit_accuracy']:.2%}; metrics in {out / 'metrics.json'}, "
-                  f"final models in {out / rundir.DENSE}"
+                  f"fit accuracy {last['fit_accuracy']:.2%}; metrics in {out / 'metrics.json'} "
+                  f"(chart: {out / rundir.CHART}), final models in {out / rundir.DENSE}"
                   + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
+
+
+def _run_title(run_dir: Path) -> str | None:
+    """What a CLI run trained, for titles; None for a directory the Python API wrote."""
+    if not (run_dir / rundir.CONFIG).is_file():
+        return None
+    config = rundir.read_config(run_dir)
+    data = Path(config["data"]).name if config.get("data") else "the digits demo"
+    return f"{Path(config['model']).name}, {config['split'].upper()} rate {config['rate']}, on {data}"
+
+
+@app.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help=f"PNG file to write [default: RUN_DIR/{rundir.CHART} for one run, ./{rundir.CHART} for several]")
+@click.option("--label", "labels", multiple=True, help="legend label of each run, in order [default: directory names]")
+@click.option("--force", is_flag=True, help="replace --out if it exists")
+def report(run_dirs, out, labels, force):
+    """Print the generations of one or more runs and chart them (dense and fit against generation).
+
+    RUN_DIRS are `kecompress evolve --out` directories, finished or still running.
+    """
+    if labels and len(labels) != len(run_dirs):
+        raise KecompressError(f"{len(labels)} --label for {len(run_dirs)} run directories: "
+                              "give one --label per run, in order, or none")
+    names = list(labels) or _short_names(run_dirs)
+    if len(set(names)) != len(names):
+        raise KecompressError("two runs have the same label: give every run its own --label")
+    own_chart = run_dirs[0] / rundir.CHART
+    out = out or (own_chart if len(run_dirs) == 1 else Path(rundir.CHART))
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise KecompressError(f"--out {out} is not a .png file path: the chart is a PNG, e.g. --out chart.png")
+    # A run's own chart is redrawn freely; any other existing file may be the user's.
+    if out.exists() and not force and not (len(run_dirs) == 1 and out == own_chart):
+        raise KecompressError(f"{out} exists: pass --force to replace it, or choose another --out")
+    runs = {name: rundir.read_metrics(run_dir) for name, run_dir in zip(names, run_dirs)}
+    metric = metric_name(runs[names[0]])
+    for name, run_dir in zip(names, run_dirs):
+        title = _run_title(run_dir)
+        console.print(generations_table(runs[name], metric, title=f"{name}: {title}" if title else name))
+    plot_generations(runs, out, title=_run_title(run_dirs[0]) if len(run_dirs) == 1 else None)
+    console.print(f"chart: {out}")
+
+
+def _short_names(paths: tuple[Path, ...]) -> list[str]:
+    """The directory names, or the whole paths where two names are the same."""
+    names = [path.resolve().name for path in paths]
+    return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
 def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, image_size, trust_model_file):

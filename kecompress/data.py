@@ -206,6 +206,55 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int,
     return sorted(train), sorted(val)
 
 
+def class_labels(dataset: Dataset) -> list[int]:
+    """The class label of every item of ``dataset``, read without decoding images where possible.
+
+    Knows the bundled demo, torchvision's ImageFolder and ``Subset`` of either; any other data
+    set is read item by item.
+
+    Example:
+        >>> train, val, _ = demo_datasets(seed=0)
+        >>> len(class_labels(val)), sorted(set(class_labels(val)))[:3]
+        (359, [0, 1, 2])
+    """
+    if isinstance(dataset, Subset):
+        parent = class_labels(dataset.dataset)
+        return [parent[index] for index in dataset.indices]
+    if isinstance(dataset, _DigitsDataset):
+        return dataset.labels.tolist()
+    if isinstance(dataset, datasets.DatasetFolder):
+        return list(dataset.targets)
+    return [int(dataset[index][1]) for index in range(len(dataset))]
+
+
+def per_class_subset(dataset: Dataset, per_class: int, seed: int,
+                     class_names: list[str] | None = None) -> Subset:
+    """A seeded sample of ``per_class`` items of every class: a small-data training set.
+
+    The same seed gives the same items; a class with fewer than ``per_class`` items is refused.
+    ``class_names`` (indexed by label) only serve to name such a class.
+
+    Example:
+        >>> train, _, _ = demo_datasets(seed=0)
+        >>> small = per_class_subset(train, per_class=5, seed=0)
+        >>> len(small), sorted(set(class_labels(small)))[:3]
+        (50, [0, 1, 2])
+    """
+    if not isinstance(per_class, int) or per_class < 1:
+        raise KecompressError(f"images per class must be a positive integer, got {per_class!r}: pass e.g. 20")
+    labels = class_labels(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in sorted(set(labels)):
+        members = torch.tensor([i for i, other in enumerate(labels) if other == label])
+        if len(members) < per_class:
+            name = class_names[label] if class_names else label
+            raise KecompressError(f"class {name} has {len(members)} training images, fewer than the "
+                                  f"{per_class} per class asked for: ask for at most {len(members)}")
+        chosen += members[torch.randperm(len(members), generator=generator)[:per_class]].tolist()
+    return Subset(dataset, sorted(chosen))
+
+
 def load_datasets(data: str | Path | None, image_size: int | None = None, val_fraction: float = 0.2,
                   seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
     """The image folder at ``data``, or the digits demo when ``data`` is None.

@@ -1,12 +1,13 @@
-"""Rich progress bars and per-generation tables for the evolve loop."""
+"""Rich progress bars and per-generation tables for the evolve loop and `kecompress report`."""
 
 from __future__ import annotations
 
 import time
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 
 class RichReporter:
@@ -59,17 +60,49 @@ class RichReporter:
     def generation_done(self, record: dict) -> None:
         self.progress.update(self._generation, completed=record["generation"])
         self.progress.update(self._epoch, completed=self.progress.tasks[self._epoch].total)
-        table = Table(show_header=self._rows == 0, box=None, pad_edge=False)
-        name = "acc" if self.metric_name == "accuracy" else self.metric_name
-        for header in ("gen", f"dense {name}", f"fit {name}", "dense loss", "fit loss", "dense params",
-                       "fit params", "time"):
-            table.add_column(header, justify="right", min_width=9)
-        table.add_row(str(record["generation"]), _metric(record[f"dense_{self.metric_name}"], self.metric_name),
-                      _metric(record[f"fit_{self.metric_name}"], self.metric_name), f"{record['dense_loss']:.4f}",
-                      f"{record['fit_loss']:.4f}", _millions(record["dense_parameters"]),
-                      _millions(record["fit_parameters"]), f"{record['seconds']:.0f} s")
+        table = _generation_table(self.metric_name, show_header=self._rows == 0)
+        table.add_row(*_generation_row(record, self.metric_name))
         self.console.print(table)
         self._rows += 1
+
+
+def generations_table(records: list[dict], metric_name: str = "accuracy", title: str | None = None) -> Group:
+    """A rich table of a run's generations: dense and fit metric and loss, training loss, time.
+
+    The parameter counts, the same in every generation, go in the title (with ``title``).
+
+    Example:
+        >>> record = {"generation": 1, "dense_accuracy": 0.9, "fit_accuracy": 0.5, "dense_loss": 0.3,
+        ...           "fit_loss": 1.2, "dense_parameters": 11_000_000, "fit_parameters": 2_800_000,
+        ...           "train_loss": 0.2, "seconds": 61.0}
+        >>> generations_table([record], title="demo").renderables[1].row_count
+        1
+    """
+    first = records[0] if records else {}
+    if title and first.get("dense_parameters") and first.get("fit_parameters"):
+        title += f" (dense {_millions(first['dense_parameters'])}, fit {_millions(first['fit_parameters'])} parameters)"
+    table = _generation_table(metric_name, show_header=True)
+    for record in records:
+        table.add_row(*_generation_row(record, metric_name))
+    return Group(Text(title, style="bold"), table) if title else Group(table)
+
+
+def _generation_table(metric_name: str, show_header: bool) -> Table:
+    table = Table(show_header=show_header, box=None, pad_edge=False)
+    name = "acc" if metric_name == "accuracy" else metric_name
+    for header in ("gen", f"dense {name}", f"fit {name}", "dense loss", "fit loss", "train loss", "time"):
+        table.add_column(header, justify="right", min_width=len(header) if header in ("gen", "time") else 9)
+    return table
+
+
+def _generation_row(record: dict, metric_name: str) -> list[str]:
+    def number(key: str, show) -> str:  # records written by other code may lack a column
+        return show(record[key]) if record.get(key) is not None else "-"
+
+    return [str(record["generation"]), number(f"dense_{metric_name}", lambda v: _metric(v, metric_name)),
+            number(f"fit_{metric_name}", lambda v: _metric(v, metric_name)), number("dense_loss", "{:.4f}".format),
+            number("fit_loss", "{:.4f}".format), number("train_loss", "{:.4f}".format),
+            number("seconds", lambda v: f"{v:.0f} s")]
 
 
 def _metric(value: float, name: str) -> str:

@@ -4,6 +4,7 @@
     split.pt        the split's masks (plain tensors)
     checkpoint.pt   model, optimizer, schedule, RNG, generation and epoch: ``--resume`` continues here
     metrics.json    {"generations": [{"generation": 1, "dense_accuracy": ..., "fit_accuracy": ...}, ...]}
+    generations.png dense and fit accuracy and the losses against generation (``kecompress report``)
     dense.pt        the final dense model's state_dict (the architecture is in config.json)
     fit.pt          the final fit network (KELS): a recipe plus weights, rebuilt and re-sliced on load
     source_model.pt a copy of the model file the run started from, when it started from a file
@@ -22,12 +23,14 @@ import torch
 import torch.nn as nn
 
 from .errors import KecompressError
+from .evolve import METRICS
 from .files import atomic_path, save_json, save_torch
 from .models import build_model, load_model_file
 from .slim import slice_fit
 from .split import Split, split as make_split
 
 CONFIG, SPLIT, DENSE, FIT, SOURCE_MODEL = "config.json", "split.pt", "dense.pt", "fit.pt", "source_model.pt"
+CHART = "generations.png"
 FIT_FORMAT = "kecompress-fit/1"
 
 
@@ -45,6 +48,34 @@ def read_config(run_dir: str | Path) -> dict:
                               "pass the --out directory of a `kecompress evolve` run") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise KecompressError(f"{path} is damaged (not JSON): the run directory cannot be used") from None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of the generations a run has finished so far (``metrics.json``).
+
+    Works on any directory an :class:`~kecompress.Evolution` wrote to, finished or not.
+
+    Example:
+        >>> # [record["fit_accuracy"] for record in read_metrics("runs/demo")]
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS
+    if not run_dir.is_dir():
+        raise KecompressError(f"run directory {run_dir} does not exist: pass the --out directory of a "
+                              "`kecompress evolve` run")
+    if not path.is_file():
+        what = "holds a run that has not finished a generation yet" if (run_dir / CONFIG).is_file() \
+            else "is not a kecompress run directory"
+        raise KecompressError(f"{run_dir} {what} (no {METRICS}): pass the --out directory of a "
+                              "`kecompress evolve` run, after its first generation")
+    try:
+        records = json.loads(path.read_text())["generations"]
+        if not records or not all(isinstance(record, dict) and "generation" in record for record in records):
+            raise ValueError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise KecompressError(f"{path} is damaged or not written by kecompress: "
+                              "it needs {\"generations\": [{\"generation\": 1, ...}, ...]}") from None
+    return records
 
 
 def start_run(run_dir: Path, config: dict, split: Split, source_model: Path | None) -> None:

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kecompress.data import (demo_datasets, image_folder_datasets, input_shape, load_datasets,
-                             make_loaders, stratified_split)
+from kecompress.data import (class_labels, demo_datasets, image_folder_datasets, input_shape, load_datasets,
+                             make_loaders, per_class_subset, stratified_split)
 from kecompress.errors import KecompressError
 
 CLASSES = ["ant", "bee", "cat"]
@@ -106,6 +106,33 @@ def test_loaders_drop_a_last_batch_of_one():
     batch_size = len(train) - 1
     train_loader, _ = make_loaders(train, val, batch_size=batch_size, seed=0)
     assert len(train_loader) == 1
+
+
+# --- small-data subsets ------------------------------------------------------------------
+
+def test_class_labels_match_the_items(tmp_path):
+    write_images(tmp_path)
+    train, val, _ = image_folder_datasets(tmp_path, image_size=32, val_fraction=0.25, seed=0)
+    assert class_labels(train) == labels_of(train) and class_labels(val) == labels_of(val)
+    demo_train, _, _ = demo_datasets(seed=0)
+    assert class_labels(demo_train)[:50] == labels_of(torch.utils.data.Subset(demo_train, range(50)))
+
+
+def test_per_class_subset_takes_that_many_of_every_class_by_seed():
+    train, _, _ = demo_datasets(val_fraction=0.5, seed=0)
+    small = per_class_subset(train, per_class=7, seed=3)
+    assert np.bincount(class_labels(small), minlength=10).tolist() == [7] * 10
+    assert per_class_subset(train, 7, seed=3).indices == small.indices
+    assert per_class_subset(train, 7, seed=4).indices != small.indices
+    assert set(small.indices) <= set(range(len(train)))
+
+
+def test_per_class_subset_refuses_more_than_a_class_has(tmp_path):
+    write_images(tmp_path, per_class=4)
+    train, _, classes = image_folder_datasets(tmp_path, image_size=32, val_fraction=0.25, seed=0)
+    message = error(per_class_subset, train, 5, 0, classes)
+    assert "class ant has 3 training images" in message and "at most 3" in message
+    assert "positive integer" in error(per_class_subset, train, 0, 0)
 
 
 # --- errors ------------------------------------------------------------------------------

@@ -200,3 +200,16 @@ def test_resume_refuses_a_checkpoint_of_another_split(tmp_path):
     other = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4), run_dir=tmp_path)
     with pytest.raises(KecompressError, match="another split"):
         other.resume()
+
+
+def test_the_first_generation_is_plain_training():
+    # benchmarks/ke_accuracy.py reports KE's generation 1 as N1, one generation of plain training.
+    def first_generation(generations):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+        the_split = kecompress.split(model, "kels", 0.5)
+        history = Evolution(model, the_split, data, data, TrainingConfig(generations=generations, epochs=2)).run()
+        return {key: value for key, value in history[0].items() if key != "seconds"}
+
+    assert first_generation(3) == first_generation(1)

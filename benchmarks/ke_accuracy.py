@@ -1,0 +1,493 @@
+"""Does Knowledge Evolution pay off? KE against one generation and two equal-compute baselines.
+
+In a small-data regime (a chosen number of training images per class, a fixed held-out test
+set), for every seed it trains
+
+    ke     KE for G generations of E epochs, KELS split at --rate; its generation 1 is N1
+           (one generation of plain training: the first generation resets nothing)
+    long   one dense network for G*E epochs, the same schedule shape (cosine to zero over the
+           whole run): the equal-compute baseline
+    small  the fit-sized slim network, freshly initialised, trained for G*E epochs: is
+           evolution better than just training the small network?
+
+and reports test accuracy per generation (mean and standard deviation over seeds) for the
+dense network and the fit hypothesis, the baselines, and the paired differences per seed.
+Writes docs/results.md (the part below its ANALYSIS marker is written by hand and kept) and
+docs/results.png.
+
+    .venv/bin/python benchmarks/ke_accuracy.py        # the bundled digits: about 25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/ke_accuracy.py --data path/to/images --per-class 0 --image-size 224 \\
+        --generations 10 --epochs 200 --device cuda   # the paper's setting, for whoever has a GPU
+
+Finished jobs are kept in --work-dir, so a rerun with the same settings continues where the
+last one stopped; delete the directory to measure again from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import update_bn
+from rich.console import Console
+from rich.table import Table
+
+import kecompress
+from kecompress import data as datasets
+from kecompress.bench import machine_description
+from kecompress.evolve import Evolution, TrainingConfig, accuracy, evaluate
+from kecompress.files import atomic_path, save_json
+from kecompress.models import build_model
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+ANALYSIS = "<!-- ANALYSIS: everything below this line is written by hand and kept when the benchmark reruns -->"
+ARMS = ("ke", "long", "small")
+console = Console(width=160)  # logs are not terminals; keep the tables whole
+
+
+# --- one job: one arm, one seed ------------------------------------------------------------
+
+def load_data(settings: dict):
+    """Training pool, fixed test set and class names; the test set is the same for every seed."""
+    if settings["data"] is None:
+        pool, test, classes = datasets.demo_datasets(settings["image_size"], settings["test_fraction"], seed=0)
+    else:
+        pool, test, classes = datasets.image_folder_datasets(settings["data"], settings["image_size"],
+                                                             settings["test_fraction"], seed=0)
+    return pool, test, classes
+
+
+def training_images(pool, classes, settings: dict, seed: int):
+    """The seed's small-data training set: --per-class images of every class, or the whole pool."""
+    if not settings["per_class"]:
+        return pool
+    return datasets.per_class_subset(pool, settings["per_class"], seed, classes)
+
+
+def fresh_slim_network(model: nn.Module, split, example: torch.Tensor) -> nn.Module:
+    """The fit-sized network: the KELS fit cut out, then every layer re-initialised its own default way."""
+    slim = kecompress.slice_fit(model, split, example_inputs=example)
+    for module in slim.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return slim
+
+
+class GenerationProbe:
+    """Prints a line per finished generation (worker processes share the terminal) and measures
+    the fit once more with its BatchNorm statistics re-estimated on the training images.
+
+    The fit network inherits running statistics that the dense network gathered with the reset
+    channels feeding into the fit ones; torch's ``update_bn`` re-estimates them for the slim network
+    alone. The record's ``fit_accuracy`` stays the fit as cut out, KE's definition.
+    """
+
+    def __init__(self, name: str, evolution_inputs: dict):
+        self.name, self.inputs = name, evolution_inputs
+        self.bn_accuracy: list[float] = []
+
+    def generation_started(self, generation, epochs, steps_per_epoch):
+        pass
+
+    def epoch_started(self, generation, epoch):
+        pass
+
+    def step_done(self, loss, samples):
+        pass
+
+    def generation_done(self, record):
+        inputs = self.inputs
+        fit = kecompress.slice_fit(inputs["model"], inputs["split"], example_inputs=inputs["example"])
+        update_bn(inputs["train_loader"], fit, device=inputs["device"])
+        _, bn_accuracy = evaluate(fit, inputs["test_loader"], inputs["loss_fn"], accuracy, inputs["device"])
+        self.bn_accuracy.append(bn_accuracy)
+        print(f"{self.name}: generation {record['generation']}: dense {record['dense_accuracy']:.2%}, "
+              f"fit {record['fit_accuracy']:.2%}, fit with BN re-estimated {bn_accuracy:.2%} "
+              f"({record['seconds']:.0f} s)", flush=True)
+
+
+def run_job(arm: str, seed: int, settings: dict) -> dict:
+    """Train one arm for one seed; return its per-generation records and wall time."""
+    torch.set_num_threads(settings["threads"])
+    started = time.perf_counter()
+    pool, test, classes = load_data(settings)
+    train = training_images(pool, classes, settings, seed)
+    train_loader, test_loader = datasets.make_loaders(train, test, settings["batch_size"], seed,
+                                                      workers=settings["loader_workers"])
+    torch.manual_seed(seed)
+    model = build_model(settings["arch"], len(classes))
+    example = torch.zeros(1, *datasets.input_shape(test))
+    split = kecompress.split(model, "kels", settings["rate"], example_inputs=example, seed=seed)
+    generations, epochs = settings["generations"], settings["epochs"]
+    if arm == "small":
+        model = fresh_slim_network(model, split, example)
+        split = kecompress.split(model, "kels", 1.0, example_inputs=example, seed=seed)  # nothing to reset
+    if arm != "ke":
+        generations, epochs = 1, generations * epochs
+    config = TrainingConfig(generations=generations, epochs=epochs, lr=settings["lr"],
+                            weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"],
+                            seed=seed)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
+    probe = GenerationProbe(f"{arm} seed {seed}", {
+        "model": model, "split": split, "example": example, "train_loader": train_loader,
+        "test_loader": test_loader, "loss_fn": loss_fn, "device": settings["device"]})
+    history = Evolution(model, split, train_loader, test_loader, config, loss_fn=loss_fn,
+                        device=settings["device"], example_inputs=example, reporter=probe).run()
+    for record, bn_accuracy in zip(history, probe.bn_accuracy):
+        record["fit_bn_accuracy"] = bn_accuracy
+    return {"arm": arm, "seed": seed, "settings": settings, "history": history,
+            "training_images": len(train), "test_images": len(test),
+            "seconds": time.perf_counter() - started}
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def points(values: list[float]) -> str:
+    """Accuracies (fractions) as 'mean ± std' in percentage points."""
+    mean, std = mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
+    """Per-seed lists of the numbers the report compares."""
+    ke = [jobs["ke", seed]["history"] for seed in seeds]
+    long = [jobs["long", seed]["history"][-1] for seed in seeds]
+    small = [jobs["small", seed]["history"][-1] for seed in seeds]
+    last = generations - 1
+    return {
+        "dense": [[history[g]["dense_accuracy"] for history in ke] for g in range(generations)],
+        "fit": [[history[g]["fit_accuracy"] for history in ke] for g in range(generations)],
+        "fit_bn": [[history[g]["fit_bn_accuracy"] for history in ke] for g in range(generations)],
+        "long_dense": [record["dense_accuracy"] for record in long],
+        "long_fit": [record["fit_accuracy"] for record in long],
+        "long_fit_bn": [record["fit_bn_accuracy"] for record in long],
+        "small": [record["dense_accuracy"] for record in small],
+        "n1": [history[0]["dense_accuracy"] for history in ke],
+        "last": last,
+    }
+
+
+def paired(first: list[float], second: list[float]) -> list[float]:
+    return [a - b for a, b in zip(first, second)]
+
+
+def differences(summary: dict) -> list[tuple[str, list[float]]]:
+    last = summary["last"]
+    return [
+        ("KE dense (last generation) - N1", paired(summary["dense"][last], summary["n1"])),
+        ("KE fit - KE dense (last generation)", paired(summary["fit"][last], summary["dense"][last])),
+        ("KE dense (last generation) - one network, equal compute", paired(summary["dense"][last], summary["long_dense"])),
+        ("KE fit (last generation) - fit-sized network from scratch", paired(summary["fit"][last], summary["small"])),
+    ]
+
+
+def spread_note(values: list[float]) -> str:
+    """Whether a mean paired difference stands out of the seed-to-seed spread (two standard errors)."""
+    if len(values) < 2:
+        return " (one seed: no spread to judge it by)"
+    mean, std = mean_std(values)
+    beyond = abs(mean) > 2 * std / len(values) ** 0.5
+    return (f" (paired difference {100 * mean:+.2f} ± {100 * std:.2f} points over {len(values)} seeds: "
+            + ("beyond" if beyond else "within") + " two standard errors)")
+
+
+def against_baseline(ours: str, ours_mean: float, baseline: str, baseline_said: str, baseline_mean: float,
+                     paired_differences: list[float]) -> str:
+    """One plain sentence: who wins, by how much, and whether it stands out of the seeds' spread."""
+    if ours_mean < baseline_mean:
+        return (f"**{ours} loses to {baseline}**: {baseline_said} reaches {100 * baseline_mean:.2f}%, "
+                f"{100 * (baseline_mean - ours_mean):.2f} points above it" + spread_note(paired_differences) + ".")
+    return (f"{ours} beats {baseline} ({100 * baseline_mean:.2f}%) by {100 * (ours_mean - baseline_mean):.2f} points"
+            + spread_note(paired_differences) + ".")
+
+
+def verdicts(summary: dict, generations: int) -> list[str]:
+    """The issue's targets, and the equal-compute comparisons, said plainly from the numbers."""
+    named = dict(differences(summary))
+    last = summary["last"]
+    dense, fit = statistics.fmean(summary["dense"][last]), statistics.fmean(summary["fit"][last])
+    n1, long, small = (statistics.fmean(summary[key]) for key in ("n1", "long_dense", "small"))
+    gap = 100 * (dense - fit)
+    lines = [
+        f"KE's dense accuracy at generation {generations} ({100 * dense:.2f}%) is "
+        + (f"above N1's ({100 * n1:.2f}%): **met**" if dense > n1 else f"not above N1's ({100 * n1:.2f}%): **missed**")
+        + spread_note(named["KE dense (last generation) - N1"]) + ".",
+        f"The fit hypothesis at generation {generations} ({100 * fit:.2f}%) is {abs(gap):.2f} points "
+        + ("below" if gap > 0 else "above") + " the dense network: "
+        + ("**met** (within one point)" if gap <= 1 else "**missed** (more than one point below)")
+        + spread_note(named["KE fit - KE dense (last generation)"]) + ".",
+    ]
+    lines.append(against_baseline("KE's dense network", dense, "the equal-compute baseline", "one network trained "
+                                  "for as many epochs", long, named["KE dense (last generation) - one network, equal compute"]))
+    lines.append(against_baseline("The fit hypothesis", fit, "the fit-sized network trained from scratch",
+                                  "that network, trained for as many epochs,", small,
+                                  named["KE fit (last generation) - fit-sized network from scratch"]))
+    fit_bn, long_fit_bn = statistics.fmean(summary["fit_bn"][last]), statistics.fmean(summary["long_fit_bn"])
+    lines.append(f"With its BatchNorm statistics re-estimated on the training images, the fit at generation "
+                 f"{generations} reaches {100 * fit_bn:.2f}%, {100 * abs(dense - fit_bn):.2f} points "
+                 f"{'below' if dense > fit_bn else 'above'} the dense network ({100 * (fit_bn - fit):+.2f} points "
+                 f"against the fit as cut out); the same slice of the "
+                 f"equal-compute network reaches {100 * long_fit_bn:.2f}% that way (as cut out: "
+                 f"{100 * statistics.fmean(summary['long_fit']):.2f}%).")
+    return lines
+
+
+# --- output --------------------------------------------------------------------------------
+
+def generation_rows(summary: dict, epochs: int) -> list[list[str]]:
+    rows = []
+    for g, (dense, fit, fit_bn) in enumerate(zip(summary["dense"], summary["fit"], summary["fit_bn"])):
+        label = f"{g + 1} (N1)" if g == 0 else str(g + 1)
+        rows.append([label, str((g + 1) * epochs), points(dense), points(fit), points(paired(fit, dense)),
+                     points(fit_bn)])
+    return rows
+
+
+def baseline_rows(summary: dict, generations: int, epochs: int) -> list[list[str]]:
+    last, total = summary["last"], generations * epochs
+    return [
+        ["N1: one generation (KE's generation 1)", str(epochs), points(summary["n1"]), points(summary["fit"][0]),
+         points(summary["fit_bn"][0])],
+        [f"KE, generation {generations}", str(total), points(summary["dense"][last]), points(summary["fit"][last]),
+         points(summary["fit_bn"][last])],
+        ["one network, equal compute", str(total), points(summary["long_dense"]), points(summary["long_fit"]),
+         points(summary["long_fit_bn"])],
+        ["fit-sized network from scratch, equal compute", str(total), points(summary["small"]), "-", "-"],
+    ]
+
+
+GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit - dense", "KE fit, BN re-estimated"]
+BASELINE_HEADER = ["network", "epochs", "dense network", "its fit, as cut out", "its fit, BN re-estimated"]
+
+
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in rows] + [""])
+
+
+def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, command: str, minutes: float,
+                   kept_jobs: int) -> None:
+    kept = path.read_text().split(ANALYSIS, 1)[1] if path.exists() and ANALYSIS in path.read_text() else "\n"
+    machine = machine_description(settings["threads"])
+    first = jobs["ke", args.seeds[0]]
+    record = first["history"][0]
+    data = (f"ImageFolder data `{settings['data']}`, training images augmented with RandomResizedCrop and flip"
+            if settings["data"] else "scikit-learn's bundled 8x8 digits scaled to "
+            f"{settings['image_size']}x{settings['image_size']}, no augmentation")
+    per_class = (f"{settings['per_class']} training images per class ({first['training_images']} in all), "
+                 "drawn anew for every seed" if settings["per_class"] else
+                 f"all {first['training_images']} training images")
+    job_minutes = sum(job["seconds"] for job in jobs.values()) / 60
+    arm_minutes = {arm: statistics.fmean(jobs[arm, seed]["seconds"] for seed in args.seeds) / 60 for arm in ARMS}
+    g, e = settings["generations"], settings["epochs"]
+    lines = [
+        "# Does Knowledge Evolution pay off? Measured against equal-compute baselines",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {machine['processor']} ({machine['cpu_count']} CPUs, "
+        f"{machine['system']} {machine['machine']}), Python {machine['python']}, torch {machine['torch']}, "
+        f"device {settings['device']}, {args.workers} worker process(es) of {settings['threads']} thread(s); "
+        f"the jobs took {job_minutes:.0f} minutes of worker time in all"
+        + (f", and the last invocation {minutes:.0f} minutes of wall time." if kept_jobs == 0 else
+           f"; {kept_jobs} of them were kept from an earlier invocation, the last took {minutes:.0f} minutes."),
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"Setup: {data}; {per_class}; a fixed held-out test set of {first['test_images']} images, the same for "
+        f"every seed and network. {settings['arch']}, randomly initialised; KELS split at rate {settings['rate']} "
+        f"(the fit network has {record['fit_parameters'] / 1e6:.2f}M of {record['dense_parameters'] / 1e6:.2f}M "
+        f"parameters). Every generation and baseline: SGD, learning rate {settings['lr']}, momentum 0.9, weight "
+        f"decay {settings['weight_decay']}, {settings['warmup_epochs']} warm-up epochs then cosine to zero, batch "
+        f"{settings['batch_size']}, label smoothing {settings['label_smoothing']}. {len(args.seeds)} seeds "
+        f"({', '.join(map(str, args.seeds))}): a seed sets the training images, the initialisation, the data order "
+        "and the resets; the networks of one seed see the same training images, so differences are paired.",
+        "",
+        "Test accuracy in percent, mean ± standard deviation over the seeds. N1 is KE's first generation (plain "
+        "training: nothing is reset before it). The fit hypothesis is the slim network cut out of the dense one "
+        "(`kecompress.slice_fit`), evaluated as it is (KE's definition, and what the targets are judged on); "
+        "\"BN re-estimated\" is the same slim network after `torch.optim.swa_utils.update_bn` recomputed its "
+        "BatchNorm statistics on the training images (its weights unchanged).",
+        "",
+        f"## KE, generation by generation ({g} generation{'s' * (g > 1)} of {e} epoch{'s' * (e > 1)})",
+        "",
+        *markdown_table(GENERATION_HEADER, generation_rows(summary, e)),
+        f"## Against the baselines, at equal training compute ({g * e} epochs)",
+        "",
+        *markdown_table(BASELINE_HEADER, baseline_rows(summary, g, e)),
+        "Paired differences per seed, in points (mean ± std; the seeds' values in brackets):",
+        "",
+        *[f"- {name}: {points(values)} ({', '.join(f'{100 * value:+.2f}' for value in values)})"
+          for name, values in differences(summary)],
+        "",
+        "## Verdict",
+        "",
+        *[f"- {line}" for line in verdicts(summary, g)],
+        "",
+        f"Wall time per seed (mean): KE {arm_minutes['ke']:.1f} min, one network for as long "
+        f"{arm_minutes['long']:.1f} min, the fit-sized network {arm_minutes['small']:.1f} min.",
+        "",
+        "![KE accuracy per generation against the baselines](results.png)",
+        "",
+        ANALYSIS,
+    ]
+    path.write_text("\n".join(lines) + kept)
+
+
+def write_chart(path: Path, summary: dict, settings: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    g, e = settings["generations"], settings["epochs"]
+    generations = list(range(1, g + 1))
+    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for key, label, style, colour in (("dense", "KE dense", "-o", "C0"), ("fit", "KE fit, as cut out", "--s", "C1"),
+                                      ("fit_bn", "KE fit, BN re-estimated", ":^", "C4")):
+        means = [100 * statistics.fmean(values) for values in summary[key]]
+        stds = [100 * mean_std(values)[1] for values in summary[key]]
+        axes.plot(generations, means, style, color=colour, label=label)
+        axes.fill_between(generations, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                          color=colour, alpha=0.15)
+    for key, label, colour in (("long_dense", f"one network, {g * e} epochs", "C2"),
+                               ("small", f"fit-sized network, {g * e} epochs", "C3")):
+        mean, std = (100 * value for value in mean_std(summary[key]))
+        axes.axhline(mean, color=colour, linestyle=":", label=f"{label}: {mean:.1f}")
+        axes.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
+    axes.set_xlabel(f"generation ({e} epochs each; the baselines train for all {g * e} at once)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower right")
+    data = Path(settings["data"]).name if settings["data"] else "digits demo"
+    images = f"{settings['per_class']}/class" if settings["per_class"] else "all images"
+    axes.set_title(f"{settings['arch']}, KELS {settings['rate']}, {data} ({images}): mean ± std over seeds")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=None, help="ImageFolder directory (default: the bundled digits)")
+    parser.add_argument("--arch", default="resnet18", help="torchvision architecture")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: 32 demo, 224 folder)")
+    parser.add_argument("--per-class", type=int, default=20, help="training images per class; 0: all")
+    parser.add_argument("--test-fraction", type=float, default=0.5,
+                        help="held-out test fraction of each class (a folder with val/ uses val/)")
+    parser.add_argument("--generations", type=int, default=10, help="KE generations G")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs per generation E")
+    parser.add_argument("--rate", type=float, default=0.5, help="KELS split rate")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    parser.add_argument("--warmup-epochs", type=int, default=0, help="warm-up epochs of every generation")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="jobs run side by side (default: one per CPU core, one on CUDA)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="data loader processes per job")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/ke_accuracy"), help="finished jobs are kept here")
+    parser.add_argument("--out-dir", type=Path, default=DOCS, help="where results.md and results.png go")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.generations < 1 or args.epochs < 1 or args.per_class < 0:
+        parser.error("--seeds, --generations and --epochs must be at least 1, --per-class at least 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    args.seeds = list(range(args.seeds))
+    cores = os.cpu_count() or 1
+    args.workers = args.workers or (1 if args.device.startswith("cuda") else min(cores, 3 * len(args.seeds)))
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    settings = {
+        "data": str(Path(args.data).resolve()) if args.data else None, "arch": args.arch,
+        "image_size": args.image_size or (datasets.DEMO_IMAGE_SIZE if args.data is None else datasets.FOLDER_IMAGE_SIZE),
+        "per_class": args.per_class, "test_fraction": args.test_fraction, "generations": args.generations,
+        "epochs": args.epochs, "rate": args.rate, "lr": args.lr, "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
+        "device": args.device, "threads": max(1, cores // args.workers) if args.device == "cpu" else cores,
+        "loader_workers": args.loader_workers, "kecompress": kecompress.__version__, "torch": torch.__version__,
+    }
+    try:  # fail here, in one line, on data that cannot give the small-data regime
+        pool, test, classes = load_data(settings)
+        training_images(pool, classes, settings, seed=0)
+    except kecompress.KecompressError as error:
+        print(f"ke_accuracy: {error}", file=sys.stderr)
+        return 2
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def job_path(arm: str, seed: int) -> Path:
+        return args.work_dir / f"{arm}-seed{seed}.json"
+
+    jobs, pending = {}, []
+    for arm in ARMS:  # the longest jobs first, so the workers finish together
+        for seed in args.seeds:
+            path = job_path(arm, seed)
+            if path.is_file() and (kept := json.loads(path.read_text()))["settings"] == settings:
+                jobs[arm, seed] = kept
+                print(f"{arm} seed {seed}: kept from {path}", flush=True)
+            else:
+                pending.append((arm, seed))
+    console.print(f"{len(pending)} jobs to run, {args.workers} at a time, {settings['threads']} thread(s) each")
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool_executor:
+        futures = [pool_executor.submit(run_job, arm, seed, settings) for arm, seed in pending]
+        for future in as_completed(futures):
+            result = future.result()
+            save_json(result, job_path(result["arm"], result["seed"]))  # kept at once: a rerun continues
+            jobs[result["arm"], result["seed"]] = result
+            print(f"{result['arm']} seed {result['seed']}: done in {result['seconds'] / 60:.1f} min", flush=True)
+
+    summary = summarise(jobs, args.seeds, args.generations)
+    console.print(rich_table("KE per generation: test accuracy %, mean ± std over seeds", GENERATION_HEADER,
+                             generation_rows(summary, args.epochs)))
+    console.print(rich_table("Against the baselines at equal compute", BASELINE_HEADER,
+                             baseline_rows(summary, args.generations, args.epochs)))
+    for name, values in differences(summary):
+        console.print(f"{name}: {points(values)} points")
+    for line in verdicts(summary, args.generations):
+        console.print(line.replace("**", ""))
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "benchmarks/ke_accuracy.py", *argv])
+    minutes = (time.perf_counter() - started) / 60
+    write_markdown(args.out_dir / "results.md", summary, jobs, args, settings, command, minutes,
+                   kept_jobs=len(jobs) - len(pending))
+    write_chart(args.out_dir / "results.png", summary, settings)
+    console.print(f"wrote {args.out_dir / 'results.md'} and {args.out_dir / 'results.png'} ({minutes:.0f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Charts of Knowledge Evolution runs: dense and fit metrics against generation, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import KecompressError
+from .files import atomic_path
+
+# Keys of a generation record that are not "dense_<metric>" metrics.
+_NOT_METRICS = {"dense_loss", "dense_parameters"}
+
+
+def metric_name(records: list[dict]) -> str:
+    """The metric a run recorded: ``"accuracy"`` for the CLI, whatever ``metric_name`` was given
+    to :class:`~kecompress.Evolution` otherwise.
+
+    Example:
+        >>> metric_name([{"generation": 1, "dense_accuracy": 0.5, "fit_accuracy": 0.2, "dense_loss": 1.0}])
+        'accuracy'
+    """
+    names = sorted(key[len("dense_"):] for key in records[0] if key.startswith("dense_") and key not in _NOT_METRICS)
+    if not names:
+        raise KecompressError("the metrics hold no dense_<metric> values: they were not written by kecompress")
+    return names[0]
+
+
+def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:
+    """Draw dense and fit metric (and the losses) against generation for one run or several.
+
+    Solid lines for the dense network, dashed for the fit hypothesis, dotted for the training
+    loss; one colour per run when there are several. Accuracies are drawn in percent. The PNG is
+    written atomically.
+
+    Args:
+        runs: a legend label -> that run's records (``metrics.json``'s ``"generations"``).
+        path: the PNG file to write.
+        title: the chart's title.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import os, tempfile
+        >>> records = [{"generation": g, "dense_accuracy": 0.5 + g / 10, "fit_accuracy": g / 5,
+        ...             "dense_loss": 1 / g, "fit_loss": 2 / g} for g in (1, 2, 3)]
+        >>> plot_generations({"demo": records}, os.path.join(tempfile.mkdtemp(), "g.png")).suffix
+        '.png'
+    """
+    # Imported here: only drawing needs matplotlib, and it takes a while to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = {metric_name(records) for records in runs.values() if records}
+    if len(metrics) != 1:
+        raise KecompressError(f"the runs record different metrics ({', '.join(sorted(metrics)) or 'none'}): "
+                              "chart runs of the same metric together")
+    metric = metrics.pop()
+    scale, unit = (100, " (%)") if metric == "accuracy" else (1, "")
+    has_loss = any("dense_loss" in record for records in runs.values() for record in records)
+
+    figure = Figure(figsize=(11 if has_loss else 6, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2 if has_loss else 1, squeeze=False)[0]
+    several = len(runs) > 1
+    for index, (label, records) in enumerate(runs.items()):
+        generations = [record["generation"] for record in records]
+        prefix = f"{label}: " if several else ""
+        for series, (side, style, marker) in enumerate((("dense", "-", "o"), ("fit", "--", "s"))):
+            values = [scale * record[f"{side}_{metric}"] for record in records]
+            axes[0].plot(generations, values, style, marker=marker, color=f"C{index if several else series}",
+                         label=f"{prefix}{side}")
+        if has_loss:
+            for series, (key, style) in enumerate((("dense_loss", "-"), ("fit_loss", "--"), ("train_loss", ":"))):
+                points = [(record["generation"], record[key]) for record in records if key in record]
+                if points:
+                    axes[1].plot(*zip(*points), style, marker=".", color=f"C{index if several else series}",
+                                 label=f"{prefix}{key.replace('_', ' ')}")
+    axes[0].set_ylabel(f"validation {metric.replace('_', ' ')}{unit}")
+    if has_loss:
+        axes[1].set_ylabel("loss")
+    for axis in axes:
+        axis.set_xlabel("generation")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return path

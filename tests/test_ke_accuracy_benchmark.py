@@ -1,0 +1,79 @@
+"""benchmarks/ke_accuracy.py: its verdicts say what the numbers say, and it runs end to end."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ke_accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ke_accuracy", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def jobs_with(ke_dense, ke_fit, long, small):
+    """Jobs of two seeds: KE's per-generation accuracies, the baselines' final ones."""
+    jobs = {}
+    for seed in (0, 1):
+        jobs["ke", seed] = {"history": [{"dense_accuracy": d[seed], "fit_accuracy": f[seed],
+                                         "fit_bn_accuracy": f[seed] + 0.01} for d, f in zip(ke_dense, ke_fit)]}
+        jobs["long", seed] = {"history": [{"dense_accuracy": long[seed], "fit_accuracy": 0.1,
+                                           "fit_bn_accuracy": 0.4}]}
+        jobs["small", seed] = {"history": [{"dense_accuracy": small[seed], "fit_accuracy": small[seed]}]}
+    return jobs
+
+
+def test_a_ke_run_that_loses_to_the_equal_compute_baseline_says_so(bench):
+    summary = bench.summarise(jobs_with(ke_dense=[(0.70, 0.72), (0.90, 0.92)], ke_fit=[(0.2, 0.3), (0.85, 0.86)],
+                                        long=(0.95, 0.97), small=(0.93, 0.93)), [0, 1], generations=2)
+    lines = bench.verdicts(summary, generations=2)
+    assert "above N1's (71.00%): **met**" in lines[0]
+    assert "5.50 points below the dense network: **missed**" in lines[1]
+    assert lines[2].startswith("**KE's dense network loses to the equal-compute baseline**: one network trained")
+    assert "96.00%, 5.00 points above it" in lines[2]
+    assert lines[3].startswith("**The fit hypothesis loses to the fit-sized network")
+    assert dict(bench.differences(summary))["KE dense (last generation) - N1"] == pytest.approx([0.2, 0.2])
+    assert "reaches 86.50%, 4.50 points below the dense network (+1.00 points" in lines[4]
+    assert "equal-compute network reaches 40.00% that way (as cut out: 10.00%)" in lines[4]
+
+
+def test_a_ke_run_that_wins_says_so_and_judges_the_spread(bench):
+    summary = bench.summarise(jobs_with(ke_dense=[(0.70, 0.80), (0.90, 0.96)], ke_fit=[(0.2, 0.3), (0.895, 0.955)],
+                                        long=(0.88, 0.96), small=(0.80, 0.82)), [0, 1], generations=2)
+    lines = bench.verdicts(summary, generations=2)
+    assert "0.50 points below the dense network: **met** (within one point)" in lines[1]
+    assert lines[2].startswith("KE's dense network beats the equal-compute baseline (92.00%) by 1.00 points")
+    assert "within two standard errors" in lines[2]
+    assert "beats the fit-sized network" in lines[3] and "beyond two standard errors" in lines[3]
+    assert bench.points([0.9, 0.96]) == "93.00 ± 4.24"
+
+
+def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
+         "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
+         "--out-dir", str(tmp_path / "docs")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "30 in all" in report and "| 2 | 2 |" in report and "Reproduce: `python benchmarks/ke_accuracy.py" in report
+    assert "## Verdict" in report and (tmp_path / "docs" / "results.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "work").glob("*-seed*.json"))) == 6
+    again = subprocess.run(  # a rerun with the same settings keeps every finished job
+        [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
+         "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
+         "--out-dir", str(tmp_path / "docs")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("kept from") == 6
+
+
+def test_the_benchmark_refuses_more_images_per_class_than_the_data_has(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--per-class", "500", "--work-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "fewer than the 500 per class" in result.stderr
+    assert "Traceback" not in result.stderr
