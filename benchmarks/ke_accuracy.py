@@ -84,18 +84,54 @@ def fresh_slim_network(model: nn.Module, split, example: torch.Tensor) -> nn.Mod
     return slim
 
 
+def reset_channel_scale(model: nn.Module, split) -> float | None:
+    """Mean |BatchNorm scale| of the reset channels over that of the fit channels, all layers together.
+
+    Far below 1 means the dense network has learnt to mute the channels that every generation
+    re-draws, so that it computes nearly what its fit does.
+    """
+    fit_total = reset_total = fit_count = reset_count = 0.0
+    for name, module in model.named_modules():
+        mask = split.masks.get(f"{name}.weight")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and mask is not None:
+            scale = module.weight.detach().abs().cpu()
+            fit_total, fit_count = fit_total + scale[mask].sum().item(), fit_count + mask.sum().item()
+            reset_total, reset_count = reset_total + scale[~mask].sum().item(), reset_count + (~mask).sum().item()
+    if not fit_count or not reset_count:
+        return None
+    return (reset_total / reset_count) / (fit_total / fit_count)
+
+
+@torch.no_grad()
+def prediction_agreement(dense: nn.Module, fit: nn.Module, loader, device) -> float:
+    """Fraction of the test images on which the dense network and its fit predict the same class."""
+    was_training = dense.training
+    dense.eval()
+    fit.eval()
+    same = total = 0
+    for inputs, _ in loader:
+        inputs = inputs.to(device)
+        same += (dense(inputs).argmax(1) == fit(inputs).argmax(1)).sum().item()
+        total += len(inputs)
+    dense.train(was_training)
+    return same / total
+
+
 class GenerationProbe:
     """Prints a line per finished generation (worker processes share the terminal) and measures
-    the fit once more with its BatchNorm statistics re-estimated on the training images.
+    more of the fit after each generation:
 
-    The fit network inherits running statistics that the dense network gathered with the reset
-    channels feeding into the fit ones; torch's ``update_bn`` re-estimates them for the slim network
-    alone. The record's ``fit_accuracy`` stays the fit as cut out, KE's definition.
+    * ``fit_bn_accuracy``: the fit network with its BatchNorm statistics re-estimated on the
+      training images. It inherits running statistics that the dense network gathered with the
+      reset channels feeding into the fit ones; torch's ``update_bn`` recomputes them for the slim
+      network alone. The record's ``fit_accuracy`` stays the fit as cut out, KE's definition.
+    * ``agreement``: how often dense and fit (as cut out) predict the same class;
+    * ``reset_bn_scale``: :func:`reset_channel_scale`.
     """
 
     def __init__(self, name: str, evolution_inputs: dict):
         self.name, self.inputs = name, evolution_inputs
-        self.bn_accuracy: list[float] = []
+        self.measured: list[dict] = []
 
     def generation_started(self, generation, epochs, steps_per_epoch):
         pass
@@ -107,14 +143,17 @@ class GenerationProbe:
         pass
 
     def generation_done(self, record):
-        inputs = self.inputs
-        fit = kecompress.slice_fit(inputs["model"], inputs["split"], example_inputs=inputs["example"])
-        update_bn(inputs["train_loader"], fit, device=inputs["device"])
-        _, bn_accuracy = evaluate(fit, inputs["test_loader"], inputs["loss_fn"], accuracy, inputs["device"])
-        self.bn_accuracy.append(bn_accuracy)
+        inputs, device = self.inputs, self.inputs["device"]
+        model, split = inputs["model"], inputs["split"]
+        fit = kecompress.slice_fit(model, split, example_inputs=inputs["example"].to(device))
+        measured = {"agreement": prediction_agreement(model, fit, inputs["test_loader"], device),
+                    "reset_bn_scale": reset_channel_scale(model, split)}
+        update_bn(inputs["train_loader"], fit, device=device)
+        measured["fit_bn_accuracy"] = evaluate(fit, inputs["test_loader"], inputs["loss_fn"], accuracy, device)[1]
+        self.measured.append(measured)
         print(f"{self.name}: generation {record['generation']}: dense {record['dense_accuracy']:.2%}, "
-              f"fit {record['fit_accuracy']:.2%}, fit with BN re-estimated {bn_accuracy:.2%} "
-              f"({record['seconds']:.0f} s)", flush=True)
+              f"fit {record['fit_accuracy']:.2%}, fit with BN re-estimated {measured['fit_bn_accuracy']:.2%}, "
+              f"same prediction {measured['agreement']:.2%} ({record['seconds']:.0f} s)", flush=True)
 
 
 def run_job(arm: str, seed: int, settings: dict) -> dict:
@@ -144,8 +183,8 @@ def run_job(arm: str, seed: int, settings: dict) -> dict:
         "test_loader": test_loader, "loss_fn": loss_fn, "device": settings["device"]})
     history = Evolution(model, split, train_loader, test_loader, config, loss_fn=loss_fn,
                         device=settings["device"], example_inputs=example, reporter=probe).run()
-    for record, bn_accuracy in zip(history, probe.bn_accuracy):
-        record["fit_bn_accuracy"] = bn_accuracy
+    for record, measured in zip(history, probe.measured):
+        record.update(measured)
     return {"arm": arm, "seed": seed, "settings": settings, "history": history,
             "training_images": len(train), "test_images": len(test),
             "seconds": time.perf_counter() - started}
@@ -163,6 +202,11 @@ def points(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def ratio(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
 def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
     """Per-seed lists of the numbers the report compares."""
     ke = [jobs["ke", seed]["history"] for seed in seeds]
@@ -176,6 +220,10 @@ def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
         "long_dense": [record["dense_accuracy"] for record in long],
         "long_fit": [record["fit_accuracy"] for record in long],
         "long_fit_bn": [record["fit_bn_accuracy"] for record in long],
+        "agreement": [[history[g]["agreement"] for history in ke] for g in range(generations)],
+        "scale": [[history[g]["reset_bn_scale"] for history in ke] for g in range(generations)],
+        "long_agreement": [record["agreement"] for record in long],
+        "long_scale": [record["reset_bn_scale"] for record in long],
         "small": [record["dense_accuracy"] for record in small],
         "n1": [history[0]["dense_accuracy"] for history in ke],
         "last": last,
@@ -244,6 +292,14 @@ def verdicts(summary: dict, generations: int) -> list[str]:
                  f"against the fit as cut out); the same slice of the "
                  f"equal-compute network reaches {100 * long_fit_bn:.2f}% that way (as cut out: "
                  f"{100 * statistics.fmean(summary['long_fit']):.2f}%).")
+    lines.append(f"Why the fit catches up: at generation {generations} the dense network and its fit predict the same "
+                 f"class on {100 * statistics.fmean(summary['agreement'][last]):.2f}% of the test images, and the "
+                 f"BatchNorm scales of the reset channels are {statistics.fmean(summary['scale'][last]):.2f} of the "
+                 f"fit channels' (generation 1: {statistics.fmean(summary['scale'][0]):.2f}; the equal-compute "
+                 f"network: {statistics.fmean(summary['long_scale']):.2f}, same prediction on "
+                 f"{100 * statistics.fmean(summary['long_agreement']):.2f}%). The normalisation layers are never "
+                 "reset, so across generations the dense network learns to turn down the channels that every "
+                 "generation re-draws.")
     return lines
 
 
@@ -254,7 +310,7 @@ def generation_rows(summary: dict, epochs: int) -> list[list[str]]:
     for g, (dense, fit, fit_bn) in enumerate(zip(summary["dense"], summary["fit"], summary["fit_bn"])):
         label = f"{g + 1} (N1)" if g == 0 else str(g + 1)
         rows.append([label, str((g + 1) * epochs), points(dense), points(fit), points(paired(fit, dense)),
-                     points(fit_bn)])
+                     points(fit_bn), points(summary["agreement"][g]), ratio(summary["scale"][g])])
     return rows
 
 
@@ -271,7 +327,8 @@ def baseline_rows(summary: dict, generations: int, epochs: int) -> list[list[str
     ]
 
 
-GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit - dense", "KE fit, BN re-estimated"]
+GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit - dense", "KE fit, BN re-estimated",
+                     "same prediction", "reset / fit BN scale"]
 BASELINE_HEADER = ["network", "epochs", "dense network", "its fit, as cut out", "its fit, BN re-estimated"]
 
 

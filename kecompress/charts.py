@@ -19,9 +19,12 @@ def metric_name(records: list[dict]) -> str:
         >>> metric_name([{"generation": 1, "dense_accuracy": 0.5, "fit_accuracy": 0.2, "dense_loss": 1.0}])
         'accuracy'
     """
-    names = sorted(key[len("dense_"):] for key in records[0] if key.startswith("dense_") and key not in _NOT_METRICS)
-    if not names:
-        raise KecompressError("the metrics hold no dense_<metric> values: they were not written by kecompress")
+    first = records[0]
+    names = sorted(key[len("dense_"):] for key in first
+                   if key.startswith("dense_") and key not in _NOT_METRICS and f"fit_{key[len('dense_'):]}" in first)
+    if not names or not all(f"dense_{names[0]}" in record and f"fit_{names[0]}" in record for record in records):
+        raise KecompressError("the metrics lack dense_<metric> and fit_<metric> values in some generation: "
+                              "they were not written by kecompress")
     return names[0]
 
 

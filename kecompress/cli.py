@@ -165,10 +165,9 @@ def report(run_dirs, out, labels, force):
     if out.exists() and not force and not (len(run_dirs) == 1 and out == own_chart):
         raise KecompressError(f"{out} exists: pass --force to replace it, or choose another --out")
     runs = {name: rundir.read_metrics(run_dir) for name, run_dir in zip(names, run_dirs)}
-    metric = metric_name(runs[names[0]])
     for name, run_dir in zip(names, run_dirs):
         title = _run_title(run_dir)
-        console.print(generations_table(runs[name], metric, title=f"{name}: {title}" if title else name))
+        console.print(generations_table(runs[name], metric_name(runs[name]), title=f"{name}: {title}" if title else name))
     plot_generations(runs, out, title=_run_title(run_dirs[0]) if len(run_dirs) == 1 else None)
     console.print(f"chart: {out}")
 

@@ -23,9 +23,10 @@ def jobs_with(ke_dense, ke_fit, long, small):
     jobs = {}
     for seed in (0, 1):
         jobs["ke", seed] = {"history": [{"dense_accuracy": d[seed], "fit_accuracy": f[seed],
-                                         "fit_bn_accuracy": f[seed] + 0.01} for d, f in zip(ke_dense, ke_fit)]}
+                                         "fit_bn_accuracy": f[seed] + 0.01, "agreement": 0.5 + g / 4,
+                                         "reset_bn_scale": 1 - g / 2} for g, (d, f) in enumerate(zip(ke_dense, ke_fit))]}
         jobs["long", seed] = {"history": [{"dense_accuracy": long[seed], "fit_accuracy": 0.1,
-                                           "fit_bn_accuracy": 0.4}]}
+                                           "fit_bn_accuracy": 0.4, "agreement": 0.2, "reset_bn_scale": 0.9}]}
         jobs["small", seed] = {"history": [{"dense_accuracy": small[seed], "fit_accuracy": small[seed]}]}
     return jobs
 
@@ -42,6 +43,8 @@ def test_a_ke_run_that_loses_to_the_equal_compute_baseline_says_so(bench):
     assert dict(bench.differences(summary))["KE dense (last generation) - N1"] == pytest.approx([0.2, 0.2])
     assert "reaches 86.50%, 4.50 points below the dense network (+1.00 points" in lines[4]
     assert "equal-compute network reaches 40.00% that way (as cut out: 10.00%)" in lines[4]
+    assert "same class on 75.00% of the test images" in lines[5] and "are 0.50 of the fit channels'" in lines[5]
+    assert "(generation 1: 1.00; the equal-compute network: 0.90, same prediction on 20.00%)" in lines[5]
 
 
 def test_a_ke_run_that_wins_says_so_and_judges_the_spread(bench):

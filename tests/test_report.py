@@ -96,6 +96,8 @@ def test_report_of_a_python_api_run_with_its_own_metric(tmp_path, capsys):
     (lambda d: ((d / "started").mkdir(), (d / "started" / "config.json").write_text("{}")), ["{d}/started"],
      "not finished a generation yet"),
     (lambda d: ((d / "bad").mkdir(), (d / "bad" / "metrics.json").write_text("{not json")), ["{d}/bad"], "damaged"),
+    (lambda d: write_metrics(d / "odd", [{"generation": 1, "dense_accuracy": 0.5}]), ["{d}/odd"],
+     "lack dense_<metric> and fit_<metric>"),
     (lambda d: write_metrics(d / "ok", records([0.5], [0.1])), ["{d}/ok", "--out", "{d}/chart.svg"], ".png"),
     (lambda d: write_metrics(d / "ok", records([0.5], [0.1])), ["{d}/ok", "--out", "{d}"], ".png"),
     (lambda d: write_metrics(d / "ok", records([0.5], [0.1])), ["{d}/ok", "--label", "a", "--label", "b"],
