@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import update_bn
 from rich.console import Console
 from rich.table import Table
 
@@ -121,16 +120,16 @@ class GenerationProbe:
     """Prints a line per finished generation (worker processes share the terminal) and measures
     more of the fit after each generation:
 
-    * ``fit_bn_accuracy``: the fit network with its BatchNorm statistics re-estimated on the
-      training images. It inherits running statistics that the dense network gathered with the
-      reset channels feeding into the fit ones; torch's ``update_bn`` recomputes them for the slim
-      network alone. The record's ``fit_accuracy`` stays the fit as cut out, KE's definition.
-    * ``agreement``: how often dense and fit (as cut out) predict the same class;
+    * ``fit_as_cut_accuracy``: the slim fit network as cut out, with the BatchNorm statistics the
+      dense network gathered (KE's paper's measure). The record's ``fit_accuracy`` is the fit
+      network kecompress gives, its statistics re-estimated on the training images for it alone.
+    * ``agreement``: how often the dense network and its fit predict the same class;
     * ``reset_bn_scale``: :func:`reset_channel_scale`.
     """
 
-    def __init__(self, name: str, evolution_inputs: dict):
-        self.name, self.inputs = name, evolution_inputs
+    def __init__(self, name: str):
+        self.name = name
+        self.evolution: Evolution | None = None
         self.measured: list[dict] = []
 
     def generation_started(self, generation, epochs, steps_per_epoch):
@@ -143,16 +142,15 @@ class GenerationProbe:
         pass
 
     def generation_done(self, record):
-        inputs, device = self.inputs, self.inputs["device"]
-        model, split = inputs["model"], inputs["split"]
-        fit = kecompress.slice_fit(model, split, example_inputs=inputs["example"].to(device))
-        measured = {"agreement": prediction_agreement(model, fit, inputs["test_loader"], device),
+        evolution = self.evolution
+        model, split, device, test = evolution.model, evolution.split, evolution.device, evolution.val_loader
+        as_cut = kecompress.slice_fit(model, split, example_inputs=evolution.example_inputs.to(device))
+        measured = {"fit_as_cut_accuracy": evaluate(as_cut, test, evolution.loss_fn, accuracy, device)[1],
+                    "agreement": prediction_agreement(model, evolution.fit_network(), test, device),
                     "reset_bn_scale": reset_channel_scale(model, split)}
-        update_bn(inputs["train_loader"], fit, device=device)
-        measured["fit_bn_accuracy"] = evaluate(fit, inputs["test_loader"], inputs["loss_fn"], accuracy, device)[1]
         self.measured.append(measured)
         print(f"{self.name}: generation {record['generation']}: dense {record['dense_accuracy']:.2%}, "
-              f"fit {record['fit_accuracy']:.2%}, fit with BN re-estimated {measured['fit_bn_accuracy']:.2%}, "
+              f"fit {record['fit_accuracy']:.2%} (as cut out {measured['fit_as_cut_accuracy']:.2%}), "
               f"same prediction {measured['agreement']:.2%} ({record['seconds']:.0f} s)", flush=True)
 
 
@@ -177,12 +175,11 @@ def run_job(arm: str, seed: int, settings: dict) -> dict:
     config = TrainingConfig(generations=generations, epochs=epochs, lr=settings["lr"],
                             weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"],
                             seed=seed)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
-    probe = GenerationProbe(f"{arm} seed {seed}", {
-        "model": model, "split": split, "example": example, "train_loader": train_loader,
-        "test_loader": test_loader, "loss_fn": loss_fn, "device": settings["device"]})
-    history = Evolution(model, split, train_loader, test_loader, config, loss_fn=loss_fn,
-                        device=settings["device"], example_inputs=example, reporter=probe).run()
+    probe = GenerationProbe(f"{arm} seed {seed}")
+    probe.evolution = Evolution(model, split, train_loader, test_loader, config,
+                                loss_fn=nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"]),
+                                device=settings["device"], example_inputs=example, reporter=probe)
+    history = probe.evolution.run()
     for record, measured in zip(history, probe.measured):
         record.update(measured)
     return {"arm": arm, "seed": seed, "settings": settings, "history": history,
@@ -216,10 +213,10 @@ def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
     return {
         "dense": [[history[g]["dense_accuracy"] for history in ke] for g in range(generations)],
         "fit": [[history[g]["fit_accuracy"] for history in ke] for g in range(generations)],
-        "fit_bn": [[history[g]["fit_bn_accuracy"] for history in ke] for g in range(generations)],
+        "fit_cut": [[history[g]["fit_as_cut_accuracy"] for history in ke] for g in range(generations)],
         "long_dense": [record["dense_accuracy"] for record in long],
         "long_fit": [record["fit_accuracy"] for record in long],
-        "long_fit_bn": [record["fit_bn_accuracy"] for record in long],
+        "long_fit_cut": [record["fit_as_cut_accuracy"] for record in long],
         "agreement": [[history[g]["agreement"] for history in ke] for g in range(generations)],
         "scale": [[history[g]["reset_bn_scale"] for history in ke] for g in range(generations)],
         "long_agreement": [record["agreement"] for record in long],
@@ -270,47 +267,49 @@ def verdicts(summary: dict, generations: int) -> list[str]:
     last = summary["last"]
     dense, fit = statistics.fmean(summary["dense"][last]), statistics.fmean(summary["fit"][last])
     n1, long, small = (statistics.fmean(summary[key]) for key in ("n1", "long_dense", "small"))
-    gap = 100 * (dense - fit)
+    fit_cut = statistics.fmean(summary["fit_cut"][last])
     lines = [
         f"KE's dense accuracy at generation {generations} ({100 * dense:.2f}%) is "
         + (f"above N1's ({100 * n1:.2f}%): **met**" if dense > n1 else f"not above N1's ({100 * n1:.2f}%): **missed**")
         + spread_note(named["KE dense (last generation) - N1"]) + ".",
-        f"The fit hypothesis at generation {generations} ({100 * fit:.2f}%) is {abs(gap):.2f} points "
-        + ("below" if gap > 0 else "above") + " the dense network: "
-        + ("**met** (within one point)" if gap <= 1 else "**missed** (more than one point below)")
+        within_a_point(f"The fit network at generation {generations}", fit, dense)
         + spread_note(named["KE fit - KE dense (last generation)"]) + ".",
+        within_a_point("As cut out, with the dense network's BatchNorm statistics (KE's paper's measure), it",
+                       fit_cut, dense) + spread_note(paired(summary["fit_cut"][last], summary["dense"][last])) + ".",
+        against_baseline("KE's dense network", dense, "the equal-compute baseline", "one network trained "
+                         "for as many epochs", long, named["KE dense (last generation) - one network, equal compute"]),
+        against_baseline("The fit network", fit, "the fit-sized network trained from scratch",
+                         "that network, trained for as many epochs,", small,
+                         named["KE fit (last generation) - fit-sized network from scratch"]),
+        f"Without KE the same slice of the equal-compute network reaches {100 * statistics.fmean(summary['long_fit']):.2f}% "
+        f"(as cut out: {100 * statistics.fmean(summary['long_fit_cut']):.2f}%): the generations are what make the "
+        "slim network work.",
+        f"Why the fit catches up: at generation {generations} the dense network and its fit predict the same "
+        f"class on {100 * statistics.fmean(summary['agreement'][last]):.2f}% of the test images, and the "
+        f"BatchNorm scales of the reset channels are {statistics.fmean(summary['scale'][last]):.2f} of the "
+        f"fit channels' (generation 1: {statistics.fmean(summary['scale'][0]):.2f}; the equal-compute "
+        f"network: {statistics.fmean(summary['long_scale']):.2f}, same prediction on "
+        f"{100 * statistics.fmean(summary['long_agreement']):.2f}%). The normalisation layers are never "
+        "reset, so across generations the dense network learns to turn down the channels that every "
+        "generation re-draws.",
     ]
-    lines.append(against_baseline("KE's dense network", dense, "the equal-compute baseline", "one network trained "
-                                  "for as many epochs", long, named["KE dense (last generation) - one network, equal compute"]))
-    lines.append(against_baseline("The fit hypothesis", fit, "the fit-sized network trained from scratch",
-                                  "that network, trained for as many epochs,", small,
-                                  named["KE fit (last generation) - fit-sized network from scratch"]))
-    fit_bn, long_fit_bn = statistics.fmean(summary["fit_bn"][last]), statistics.fmean(summary["long_fit_bn"])
-    lines.append(f"With its BatchNorm statistics re-estimated on the training images, the fit at generation "
-                 f"{generations} reaches {100 * fit_bn:.2f}%, {100 * abs(dense - fit_bn):.2f} points "
-                 f"{'below' if dense > fit_bn else 'above'} the dense network ({100 * (fit_bn - fit):+.2f} points "
-                 f"against the fit as cut out); the same slice of the "
-                 f"equal-compute network reaches {100 * long_fit_bn:.2f}% that way (as cut out: "
-                 f"{100 * statistics.fmean(summary['long_fit']):.2f}%).")
-    lines.append(f"Why the fit catches up: at generation {generations} the dense network and its fit predict the same "
-                 f"class on {100 * statistics.fmean(summary['agreement'][last]):.2f}% of the test images, and the "
-                 f"BatchNorm scales of the reset channels are {statistics.fmean(summary['scale'][last]):.2f} of the "
-                 f"fit channels' (generation 1: {statistics.fmean(summary['scale'][0]):.2f}; the equal-compute "
-                 f"network: {statistics.fmean(summary['long_scale']):.2f}, same prediction on "
-                 f"{100 * statistics.fmean(summary['long_agreement']):.2f}%). The normalisation layers are never "
-                 "reset, so across generations the dense network learns to turn down the channels that every "
-                 "generation re-draws.")
     return lines
+
+
+def within_a_point(subject: str, fit: float, dense: float) -> str:
+    gap = 100 * (dense - fit)
+    return (f"{subject} ({100 * fit:.2f}%) is {abs(gap):.2f} points {'below' if gap > 0 else 'above'} the dense "
+            "network: " + ("**met** (within one point)" if gap <= 1 else "**missed** (more than one point below)"))
 
 
 # --- output --------------------------------------------------------------------------------
 
 def generation_rows(summary: dict, epochs: int) -> list[list[str]]:
     rows = []
-    for g, (dense, fit, fit_bn) in enumerate(zip(summary["dense"], summary["fit"], summary["fit_bn"])):
+    for g, (dense, fit, fit_cut) in enumerate(zip(summary["dense"], summary["fit"], summary["fit_cut"])):
         label = f"{g + 1} (N1)" if g == 0 else str(g + 1)
         rows.append([label, str((g + 1) * epochs), points(dense), points(fit), points(paired(fit, dense)),
-                     points(fit_bn), points(summary["agreement"][g]), ratio(summary["scale"][g])])
+                     points(fit_cut), points(summary["agreement"][g]), ratio(summary["scale"][g])])
     return rows
 
 
@@ -318,18 +317,18 @@ def baseline_rows(summary: dict, generations: int, epochs: int) -> list[list[str
     last, total = summary["last"], generations * epochs
     return [
         ["N1: one generation (KE's generation 1)", str(epochs), points(summary["n1"]), points(summary["fit"][0]),
-         points(summary["fit_bn"][0])],
+         points(summary["fit_cut"][0])],
         [f"KE, generation {generations}", str(total), points(summary["dense"][last]), points(summary["fit"][last]),
-         points(summary["fit_bn"][last])],
+         points(summary["fit_cut"][last])],
         ["one network, equal compute", str(total), points(summary["long_dense"]), points(summary["long_fit"]),
-         points(summary["long_fit_bn"])],
+         points(summary["long_fit_cut"])],
         ["fit-sized network from scratch, equal compute", str(total), points(summary["small"]), "-", "-"],
     ]
 
 
-GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit - dense", "KE fit, BN re-estimated",
+GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit - dense", "KE fit, as cut out",
                      "same prediction", "reset / fit BN scale"]
-BASELINE_HEADER = ["network", "epochs", "dense network", "its fit, as cut out", "its fit, BN re-estimated"]
+BASELINE_HEADER = ["network", "epochs", "dense network", "its fit network", "its fit, as cut out"]
 
 
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
@@ -383,10 +382,13 @@ def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, 
         "and the resets; the networks of one seed see the same training images, so differences are paired.",
         "",
         "Test accuracy in percent, mean ± standard deviation over the seeds. N1 is KE's first generation (plain "
-        "training: nothing is reset before it). The fit hypothesis is the slim network cut out of the dense one "
-        "(`kecompress.slice_fit`), evaluated as it is (KE's definition, and what the targets are judged on); "
-        "\"BN re-estimated\" is the same slim network after `torch.optim.swa_utils.update_bn` recomputed its "
-        "BatchNorm statistics on the training images (its weights unchanged).",
+        "training: nothing is reset before it). The fit network is the slim network cut out of the dense one "
+        "(`kecompress.slice_fit`) with its BatchNorm statistics re-estimated on the training images for it "
+        "alone, as `kecompress evolve` measures and saves it (`--fit-batchnorm re-estimated`, the default); "
+        "\"as cut out\" is the same weights with the statistics the dense network gathered, as KE's paper "
+        "measures it (`--fit-batchnorm inherited`). \"Same prediction\": how often the dense network and its "
+        "fit network predict the same class. \"Reset / fit BN scale\": the mean absolute BatchNorm scale of "
+        "the reset channels over that of the fit channels.",
         "",
         f"## KE, generation by generation ({g} generation{'s' * (g > 1)} of {e} epoch{'s' * (e > 1)})",
         "",
@@ -414,34 +416,45 @@ def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, 
 
 
 def write_chart(path: Path, summary: dict, settings: dict) -> None:
+    """All generations on the left; on the right the second half, zoomed in to where the lines meet."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     g, e = settings["generations"], settings["epochs"]
     generations = list(range(1, g + 1))
-    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    figure = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    for key, label, style, colour in (("dense", "KE dense", "-o", "C0"), ("fit", "KE fit, as cut out", "--s", "C1"),
-                                      ("fit_bn", "KE fit, BN re-estimated", ":^", "C4")):
+    whole, zoom = figure.subplots(1, 2)
+    zoom_from = g // 2  # index of the first generation in the zoomed panel
+    shown = []
+    for key, label, style, colour in (("dense", "KE dense", "-o", "C0"), ("fit", "KE fit", "--s", "C1"),
+                                      ("fit_cut", "KE fit, as cut out", ":^", "C4")):
         means = [100 * statistics.fmean(values) for values in summary[key]]
         stds = [100 * mean_std(values)[1] for values in summary[key]]
-        axes.plot(generations, means, style, color=colour, label=label)
-        axes.fill_between(generations, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                          color=colour, alpha=0.15)
+        for axes in (whole, zoom):
+            axes.plot(generations, means, style, color=colour, label=label)
+            axes.fill_between(generations, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              color=colour, alpha=0.15)
+        shown += means[zoom_from:]
     for key, label, colour in (("long_dense", f"one network, {g * e} epochs", "C2"),
                                ("small", f"fit-sized network, {g * e} epochs", "C3")):
         mean, std = (100 * value for value in mean_std(summary[key]))
-        axes.axhline(mean, color=colour, linestyle=":", label=f"{label}: {mean:.1f}")
-        axes.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
-    axes.set_xlabel(f"generation ({e} epochs each; the baselines train for all {g * e} at once)")
-    axes.set_ylabel("test accuracy (%)")
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+        for axes in (whole, zoom):
+            axes.axhline(mean, color=colour, linestyle=":", label=f"{label}: {mean:.1f}")
+            axes.axhspan(mean - std, mean + std, color=colour, alpha=0.1)
+        shown.append(mean)
+    zoom.set_xlim(zoom_from + 0.7, g + 0.3)
+    zoom.set_ylim(min(shown) - 2, max(shown) + 2)
+    zoom.set_title(f"generations {zoom_from + 1} to {g}, zoomed in")
+    for axes in (whole, zoom):
+        axes.set_xlabel(f"generation ({e} epoch{'s' * (e > 1)} each; the baselines train for all {g * e} at once)")
+        axes.set_ylabel("test accuracy (%)")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    whole.legend(fontsize="small", loc="lower right")
     data = Path(settings["data"]).name if settings["data"] else "digits demo"
     images = f"{settings['per_class']}/class" if settings["per_class"] else "all images"
-    axes.set_title(f"{settings['arch']}, KELS {settings['rate']}, {data} ({images}): mean ± std over seeds")
+    whole.set_title(f"{settings['arch']}, KELS {settings['rate']}, {data} ({images}): mean ± std over seeds")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
 

@@ -23,7 +23,7 @@ from .bench import latency_table, measure_latency
 from .charts import metric_name, plot_generations
 from .export import export_pair, export_table
 from .files import remove_stale_temporaries
-from .evolve import Evolution, RunInterrupted, TrainingConfig
+from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
 from .report import RichReporter, generations_table
 from .slim import slice_fit
@@ -36,7 +36,7 @@ TRUST_HELP = "load a model file with full pickle, which can run code from it: on
 
 # Settings that make two runs the same run; the rest (device, target) may change on resume.
 _RUN_IDENTITY = ("model", "arch", "num_classes", "classes", "split", "rate", "seed", "data",
-                 "image_size", "val_fraction", "batch_size", "label_smoothing", "training")
+                 "image_size", "val_fraction", "batch_size", "label_smoothing", "fit_batchnorm", "training")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -69,11 +69,14 @@ def app():
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--target-accuracy", type=float, default=None,
               help="stop once the fit hypothesis reaches this validation accuracy (a fraction in (0, 1])")
+@click.option("--fit-batchnorm", type=click.Choice(FIT_BATCHNORM), default="re-estimated",
+              help="the fit network's BatchNorm statistics: re-estimated on the training images for the fit "
+                   "network alone, or inherited from the dense network (KE's paper)")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
 def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
-           device, trust_model_file):
+           fit_batchnorm, device, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution."""
     rate = check_rate(rate)
     config = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -96,7 +99,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         "model": model, "arch": None if _is_file(model) else model, "num_classes": len(classes),
         "classes": classes, "split": split_method, "rate": rate, "seed": seed,
         "data": str(data.resolve()) if data else None, "image_size": image_size, "val_fraction": val_fraction,
-        "batch_size": batch_size, "label_smoothing": label_smoothing,
+        "batch_size": batch_size, "label_smoothing": label_smoothing, "fit_batchnorm": fit_batchnorm,
         "training": {k: v for k, v in asdict(config).items() if k != "target"},
         "trust_model_file": trust_model_file,
     }
@@ -118,11 +121,12 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     with RichReporter(config.generations, console=console) as reporter:
         evolution = Evolution(net, the_split, train_loader, val_loader, config, loss_fn=loss_fn,
                               device=torch_device, example_inputs=example_inputs.to(torch_device),
-                              run_dir=out, reporter=reporter)
+                              run_dir=out, reporter=reporter, fit_batchnorm=fit_batchnorm)
         if resume:
             evolution.resume()
         history = evolution.run()
-    rundir.save_final(out, net.cpu(), the_split, run_config, example_inputs)
+    fit = evolution.fit_network() if the_split.method == "kels" else None  # the fit that was measured
+    rundir.save_final(out, net.cpu(), fit and fit.cpu(), the_split, run_config, example_inputs)
     plot_generations({out.name: history}, out / rundir.CHART, title=_run_title(out))
     last = history[-1]
     console.print(f"done: generation {last['generation']}, dense accuracy {last['dense_accuracy']:.2%}, "

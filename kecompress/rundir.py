@@ -104,15 +104,18 @@ def build_dense(config: dict, run_dir: Path | None = None, trust_file: bool = Fa
     return load_model_file(Path(run_dir) / SOURCE_MODEL, trust_file=trust_file)
 
 
-def save_final(run_dir: Path, model: nn.Module, split: Split, config: dict, example_inputs) -> None:
+def save_final(run_dir: Path, model: nn.Module, fit: nn.Module | None, split: Split, config: dict,
+               example_inputs) -> None:
     """Write the final dense weights and, for KELS, the fit network's recipe and weights.
 
+    ``fit`` is the slim network to keep (``Evolution.fit_network()``, its BatchNorm statistics
+    re-estimated or not); None for a WELS split, whose fit has no slim form.
+
     Example:
-        >>> # save_final(Path("runs/a"), model, split, config, example_inputs)
+        >>> # save_final(Path("runs/a"), model, evolution.fit_network(), split, config, example_inputs)
     """
     save_torch(model.state_dict(), run_dir / DENSE)
     if split.method == "kels":
-        fit = slice_fit(model, split, example_inputs=example_inputs)
         save_fit(run_dir / FIT, fit, config, split, tuple(example_inputs.shape[1:]))
 
 

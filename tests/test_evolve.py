@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
 from kecompress.evolve import RunInterrupted, accuracy, evaluate
+from kecompress.prune import fit_hypothesis
 
 
 def small_cnn():
@@ -78,16 +79,57 @@ def test_every_generation_keeps_the_fit_and_redraws_the_reset(method):
         assert record["fit_parameters"] < record["dense_parameters"]
 
 
-def test_kels_fit_is_measured_on_the_sliced_network():
+def test_kels_fit_is_measured_on_the_sliced_network_as_cut_out():
     torch.manual_seed(0)
     model = small_cnn()
     s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
-    record = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1)).run()[0]
+    record = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1),
+                       fit_batchnorm="inherited").run()[0]
     fit = kecompress.slice_fit(model, s, example_inputs=torch.randn(1, 3, 8, 8))
     assert record["fit_parameters"] == sum(p.numel() for p in fit.parameters()) == s.fit_count()
     loss, acc = evaluate(fit, val, nn.CrossEntropyLoss(), accuracy)
     assert record["fit_accuracy"] == acc and record["fit_loss"] == pytest.approx(loss)
+
+
+def test_the_fit_networks_batchnorm_statistics_are_re_estimated_for_it_alone():
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    # Equal batches, so that the average of the batches' means is the mean over the images.
+    train = DataLoader(train.dataset, batch_size=12, shuffle=True, generator=torch.Generator().manual_seed(0))
+    evolution = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1))
+    record = evolution.run()[0]
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = evolution.fit_network()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in dense_state.items())  # the model is untouched
+    as_cut = kecompress.slice_fit(model, s, example_inputs=torch.randn(1, 3, 8, 8))
+    assert all(torch.equal(p, q) for p, q in zip(fit.parameters(), as_cut.parameters()))  # the same weights
+    assert not torch.allclose(fit[1].running_mean, as_cut[1].running_mean)  # statistics of its own
+    # Its first BatchNorm sees the fit's first conv on the training images: their channel means.
+    with torch.no_grad():
+        images = torch.cat([x for x, _ in train])
+        assert torch.allclose(fit[1].running_mean, fit[0](images).mean(dim=(0, 2, 3)), atol=1e-5)
+    again = evolution.fit_network()  # from the run's own seed: the same network every time
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fit.state_dict().items())
+    loss, acc = evaluate(fit, val, nn.CrossEntropyLoss(), accuracy)
+    assert record["fit_accuracy"] == acc and record["fit_loss"] == pytest.approx(loss)
+
+
+def test_a_wels_fit_network_is_the_dense_one_with_the_reset_weights_zeroed():
+    torch.manual_seed(0)
+    model = small_cnn()
+    s = kecompress.split(model, "wels", 0.5, seed=3)
+    train, val = loaders()
+    evolution = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1), fit_batchnorm="inherited")
+    record = evolution.run()[0]
+    fit = evolution.fit_network()
+    for name, param in fit.named_parameters():
+        expected = model.state_dict()[name] * s.masks[name] if name in s.masks else model.state_dict()[name]
+        assert torch.equal(param, expected)
+    with fit_hypothesis(model, s):  # the same network as through the prune API
+        assert record["fit_accuracy"] == evaluate(model, val, nn.CrossEntropyLoss(), accuracy)[1]
 
 
 def test_a_regression_loss_and_metric_work_through_the_api():
