@@ -6,6 +6,7 @@ Every user error ends in one line on stderr naming the problem and the fix, exit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -92,8 +93,9 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     trains on its part of the data, rank 0 writes the run directory and prints.
     """
     distributed.setup(device)  # first: errors found on one rank below are then shared with all
-    if not distributed.is_main():
-        warnings.simplefilter("ignore")  # rank 0 shows each warning once
+    if not distributed.is_main():  # rank 0 shows each warning once; errors still show
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
     # Every check that one rank may fail alone (rank 0 alone sees --out, say) ends every rank alike;
     # the command line and --out first, before the data set is read.
     with distributed.fail_together(KecompressError, OSError):
