@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         command = error.ctx.command_path if error.ctx else "kecompress"
         _report(distributed.on_every_rank(error), f"{error.format_message()} (see {command} --help)")
         return 2
-    except click.exceptions.Abort as error:
-        _report(error, "interrupted")
+    except click.exceptions.Abort:  # Ctrl-C outside the training loop: torchrun sends it to every rank
+        if distributed.is_main():
+            print("kecompress: interrupted", file=sys.stderr)
         return 130
     except KecompressError as error:
         _report(error, str(error))

@@ -265,6 +265,10 @@ class Evolution:
                  run_dir: str | Path | None = None, reporter: Reporter | None = None,
                  precision: str = "fp32", channels_last: bool = False, compile_model: bool = False):
         split.check_matches(model)
+        if distributed.launched() and not distributed.is_distributed():
+            raise on_every_rank(KecompressError(
+                "torchrun started several processes but this one has joined no process group, so each would "
+                "train alone: call kecompress.distributed.setup(device) first"))
         self.amp = MixedPrecision(precision, device)
         if channels_last:
             check_channels_last(model)

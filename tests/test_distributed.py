@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kecompress import distributed, rundir
+import kecompress
+from kecompress import Evolution, KecompressError, distributed, rundir
 from kecompress.cli import main
 from kecompress.data import demo_datasets
 from kecompress.evolve import accuracy, evaluate
@@ -229,3 +230,11 @@ def test_collectives_need_no_process_group_in_one_process():
     with pytest.raises(KeyError):  # in one process an error simply propagates
         with distributed.fail_together(KeyError):
             raise KeyError("x")
+
+
+def test_evolution_under_torchrun_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = nn.Linear(4, 2)
+    split = kecompress.split(model, "wels", 0.5)
+    with pytest.raises(KecompressError, match="call kecompress.distributed.setup"):
+        Evolution(model, split, [], [])
