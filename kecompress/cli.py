@@ -6,8 +6,12 @@ Every user error ends in one line on stderr naming the problem and the fix, exit
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shlex
 import sys
+import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,14 +21,15 @@ from rich.console import Console
 
 from . import __version__
 from . import data as datasets
-from . import rundir
+from . import distributed, rundir
 from .errors import KecompressError
 from .bench import latency_table, measure_latency
 from .charts import metric_name, plot_generations
 from .export import export_pair, export_table
 from .files import remove_stale_temporaries
-from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig
+from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig, check_channels_last, check_compile
 from .models import output_features, resolve_model
+from .precision import PRECISIONS, MixedPrecision
 from .report import RichReporter, generations_table
 from .slim import slice_fit
 from .split import Split, check_rate, split as make_split
@@ -34,9 +39,13 @@ console = Console()
 MODEL_HELP = "a torchvision architecture name (e.g. resnet18) or a .pt file holding a whole model"
 TRUST_HELP = "load a model file with full pickle, which can run code from it: only for files you trust"
 
-# Settings that make two runs the same run; the rest (device, target) may change on resume.
+# Settings that make two runs the same run; the rest (device, precision, target...) may change on
+# resume. The number of processes is one: it multiplies the images of a step.
 _RUN_IDENTITY = ("model", "arch", "num_classes", "classes", "split", "rate", "seed", "data",
-                 "image_size", "val_fraction", "batch_size", "label_smoothing", "fit_batchnorm", "training")
+                 "image_size", "val_fraction", "batch_size", "label_smoothing", "fit_batchnorm", "training",
+                 "world_size")
+# For run directories written before a setting existed.
+_IDENTITY_DEFAULTS = {"world_size": 1, "fit_batchnorm": "inherited"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -58,7 +67,7 @@ def app():
               help="classes of a torchvision architecture (default: inferred from the data)")
 @click.option("--image-size", type=int, default=None, help="input size (default 224, 32 for the demo data)")
 @click.option("--val-fraction", type=float, default=0.2, help="held-out fraction when --data has no val/")
-@click.option("--batch-size", type=int, default=32, help="batch size")
+@click.option("--batch-size", type=int, default=32, help="batch size (of each process under torchrun)")
 @click.option("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine schedule)")
 @click.option("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
 @click.option("--warmup-epochs", type=int, default=0, help="linear warm-up epochs at the start of each generation")
@@ -73,66 +82,110 @@ def app():
               help="the fit network's BatchNorm statistics: re-estimated on the training images for the fit "
                    "network alone, or inherited from the dense network (KE's paper)")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
+              help="fp32, or mixed precision: bf16 or fp16 (with a gradient scaler) under autocast")
+@click.option("--channels-last", is_flag=True,
+              help="channels-last memory format for convolutional networks (helps GPUs with bf16/fp16)")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="train through torch.compile: slow to start, then faster (needs g++ on the CPU, triton on a GPU)")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
 def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
-           fit_batchnorm, device, trust_model_file):
-    """Train MODEL for several generations of Knowledge Evolution."""
-    rate = check_rate(rate)
-    config = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                            warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
-    _check_numbers(batch_size=batch_size, label_smoothing=label_smoothing, val_fraction=val_fraction,
-                   target_accuracy=target_accuracy, image_size=image_size, num_classes=num_classes)
-    torch_device = _device(device)
-    _check_out_dir(out, resume)
+           fit_batchnorm, device, precision, channels_last, compile_model, trust_model_file):
+    """Train MODEL for several generations of Knowledge Evolution.
 
-    torch.manual_seed(seed)
-    image_size = image_size or (224 if data else 32)
-    train_set, val_set, classes = datasets.load_datasets(str(data) if data else None, image_size, val_fraction, seed)
-    net = resolve_model(model, num_classes or len(classes), trust_file=trust_model_file)
-    example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
-    outputs = output_features(net, example_inputs)
-    if outputs != len(classes):
-        raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
-                              f"pass --num-classes {len(classes)} or a model built for this data")
-    run_config = {
-        "model": model, "arch": None if _is_file(model) else model, "num_classes": len(classes),
-        "classes": classes, "split": split_method, "rate": rate, "seed": seed,
-        "data": str(data.resolve()) if data else None, "image_size": image_size, "val_fraction": val_fraction,
-        "batch_size": batch_size, "label_smoothing": label_smoothing, "fit_batchnorm": fit_batchnorm,
-        "training": {k: v for k, v in asdict(config).items() if k != "target"},
-        "trust_model_file": trust_model_file,
-    }
-    if resume:
-        _check_same_run(out, run_config)
-        remove_stale_temporaries(out)
-        the_split = Split.load(out / rundir.SPLIT)
+    Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
+    with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
+    trains on its part of the data, rank 0 writes the run directory and prints.
+    """
+    distributed.setup(device)  # first: errors found on one rank below are then shared with all
+    if not distributed.is_main():  # rank 0 shows each warning once; errors still show
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+    # Every check that one rank may fail alone (rank 0 alone sees --out, say) ends every rank alike;
+    # the command line and --out first, before the data set is read.
+    with distributed.fail_together(KecompressError, OSError):
+        rate = check_rate(rate)
+        config = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
+        _check_numbers(batch_size=batch_size, label_smoothing=label_smoothing, val_fraction=val_fraction,
+                       target_accuracy=target_accuracy, image_size=image_size, num_classes=num_classes)
+        torch_device = distributed.local_device(_device(device))
+        MixedPrecision(precision, torch_device)
+        if compile_model:
+            check_compile(torch_device)
+        if distributed.is_main():
+            _check_out_dir(out, resume)
+
+    with distributed.fail_together(KecompressError, OSError):
+        torch.manual_seed(seed)
+        image_size = image_size or (224 if data else 32)
+        train_set, val_set, classes = datasets.load_datasets(str(data) if data else None, image_size,
+                                                             val_fraction, seed)
+        net = resolve_model(model, num_classes or len(classes), trust_file=trust_model_file)
+        example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
+        outputs = output_features(net, example_inputs)
+        if outputs != len(classes):
+            raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
+                                  f"pass --num-classes {len(classes)} or a model built for this data")
+        if channels_last:
+            check_channels_last(net)
+        run_config = {
+            "model": model, "arch": None if _is_file(model) else model, "num_classes": len(classes),
+            "classes": classes, "split": split_method, "rate": rate, "seed": seed,
+            "data": str(data.resolve()) if data else None, "image_size": image_size,
+            "val_fraction": val_fraction, "batch_size": batch_size, "label_smoothing": label_smoothing,
+            "fit_batchnorm": fit_batchnorm, "training": {k: v for k, v in asdict(config).items() if k != "target"},
+            "world_size": distributed.world_size(), "trust_model_file": trust_model_file,
+        }
+        if resume and distributed.is_main():
+            _check_same_run(out, run_config)
+
+    def split_on_main() -> Split:  # rank 0 owns the run directory; the other ranks get its split
+        if resume:
+            remove_stale_temporaries(out)
+            return Split.load(out / rundir.SPLIT)
+        new_split = make_split(net, split_method, rate, example_inputs=example_inputs, seed=seed)
+        rundir.start_run(out, run_config, new_split, Path(model) if _is_file(model) else None)
+        return new_split
+
+    the_split = distributed.run_on_main(split_on_main)
+    with distributed.fail_together(KecompressError):
         the_split.check_matches(net)
-    else:
-        the_split = make_split(net, split_method, rate, example_inputs=example_inputs, seed=seed)
-        rundir.start_run(out, run_config, the_split, Path(model) if _is_file(model) else None)
-
-    train_loader, val_loader = datasets.make_loaders(train_set, val_set, batch_size, seed)
-    console.print(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
-                  f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters; "
-                  f"{len(train_set)} training / {len(val_set)} validation images, {len(classes)} classes; "
-                  f"device {torch_device}; run directory {out}")
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    with RichReporter(config.generations, console=console) as reporter:
+        train_loader, val_loader = datasets.make_loaders(train_set, val_set, batch_size, seed,
+                                                         rank=distributed.rank(), world_size=distributed.world_size())
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         evolution = Evolution(net, the_split, train_loader, val_loader, config, loss_fn=loss_fn,
-                              device=torch_device, example_inputs=example_inputs.to(torch_device),
-                              run_dir=out, reporter=reporter, fit_batchnorm=fit_batchnorm)
+                              device=torch_device, example_inputs=example_inputs.to(torch_device), run_dir=out,
+                              precision=precision, channels_last=channels_last, compile_model=compile_model,
+                              fit_batchnorm=fit_batchnorm)
+    processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
+                 if distributed.is_distributed() else "")
+    _print_on_main(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
+                   f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters; "
+                   f"{len(train_set)} training / {len(val_set)} validation images, {len(classes)} classes; "
+                   f"device {torch_device}, {precision}{processes}; run directory {out}")
+    progress = RichReporter(config.generations, console=console) if distributed.is_main() else nullcontext()
+    with progress as reporter:
+        evolution.reporter = reporter
         if resume:
             evolution.resume()
         history = evolution.run()
-    fit = evolution.fit_network() if the_split.method == "kels" else None  # the fit that was measured
-    rundir.save_final(out, net.cpu(), fit and fit.cpu(), the_split, run_config, example_inputs)
-    plot_generations({out.name: history}, out / rundir.CHART, title=_run_title(out))
+    # The fit network that was measured (every rank takes part when its statistics are re-estimated).
+    fit = evolution.fit_network() if the_split.method == "kels" else None
+    if distributed.is_main():
+        rundir.save_final(out, net.cpu(), fit and fit.cpu(), the_split, run_config, example_inputs)
+        plot_generations({out.name: history}, out / rundir.CHART, title=_run_title(out))
     last = history[-1]
-    console.print(f"done: generation {last['generation']}, dense accuracy {last['dense_accuracy']:.2%}, "
-                  f"fit accuracy {last['fit_accuracy']:.2%}; metrics in {out / 'metrics.json'} "
-                  f"(chart: {out / rundir.CHART}), final models in {out / rundir.DENSE}"
-                  + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
+    _print_on_main(f"done: generation {last['generation']}, dense accuracy {last['dense_accuracy']:.2%}, "
+                   f"fit accuracy {last['fit_accuracy']:.2%}; metrics in {out / 'metrics.json'} "
+                   f"(chart: {out / rundir.CHART}), final models in {out / rundir.DENSE}"
+                   + (f" and {out / rundir.FIT}" if the_split.method == "kels" else ""))
+
+
+def _print_on_main(message: str) -> None:
+    if distributed.is_main():
+        console.print(message)
 
 
 def _run_title(run_dir: Path) -> str | None:
@@ -233,6 +286,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
 
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
     """
+    _refuse_torchrun("export")
     if not onnx_format:
         raise KecompressError("choose an export format: pass --onnx")
     _check_numbers(batch_size=batch_size, input_size=image_size, num_classes=num_classes)
@@ -266,6 +320,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
     Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency.
     """
+    _refuse_torchrun("bench")
     _check_numbers(input_size=image_size, num_classes=num_classes)
     for batch_size in batch_sizes:
         _check_numbers(batch_size=batch_size)
@@ -275,6 +330,12 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
         click.echo(json.dumps(result, indent=2))
     else:
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
+
+
+def _refuse_torchrun(command: str) -> None:
+    if distributed.launched():  # every process would write the same files, or time itself against the others
+        raise distributed.on_every_rank(KecompressError(
+            f"kecompress {command} runs in one process: run it without torchrun"))
 
 
 def _is_file(model: str) -> bool:
@@ -322,7 +383,14 @@ def _check_out_dir(out: Path, resume: bool) -> None:
 
 def _check_same_run(out: Path, run_config: dict) -> None:
     saved = rundir.read_config(out)
-    changed = [key for key in _RUN_IDENTITY if saved.get(key) != run_config.get(key)]
+    saved = {key: saved.get(key, _IDENTITY_DEFAULTS.get(key)) for key in _RUN_IDENTITY}
+    changed = [key for key in _RUN_IDENTITY if saved[key] != run_config.get(key)]
+    if changed == ["world_size"]:
+        was, now = saved["world_size"], run_config["world_size"]
+        raise KecompressError(f"--out {out} was trained by {was} process{'es' * (was != 1)} and this run has {now}: "
+                              "the images of a step (batch size x processes) would change; resume with "
+                              + ("torchrun --nproc_per_node " + str(was) if was > 1 else "one process (no torchrun)")
+                              + " (processes of all machines together), or choose another --out")
     if changed:
         raise KecompressError(f"--out {out} holds a different run (it differs in {', '.join(changed)}): "
                               "resume with the same settings, or choose another --out")
@@ -340,25 +408,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app.main(args=argv, prog_name="kecompress", standalone_mode=False)
     except RunInterrupted as stop:
-        again = shlex.join(["kecompress", *argv] + ([] if "--resume" in argv else ["--resume"]))
-        print(f"kecompress: {stop}" + (f"; resume with: {again}" if stop.saved else ""), file=sys.stderr)
+        _report(stop, f"{stop}" + (f"; resume with: {_resume_command(argv)}" if stop.saved else ""))
         return 130
-    except click.UsageError as error:
+    except click.UsageError as error:  # from the command line alone: alike on every rank
         command = error.ctx.command_path if error.ctx else "kecompress"
-        print(f"kecompress: {error.format_message()} (see {command} --help)", file=sys.stderr)
+        _report(distributed.on_every_rank(error), f"{error.format_message()} (see {command} --help)")
         return 2
-    except click.exceptions.Abort:
-        print("kecompress: interrupted", file=sys.stderr)
+    except click.exceptions.Abort:  # Ctrl-C outside the training loop: torchrun sends it to every rank
+        if distributed.is_main():
+            print("kecompress: interrupted", file=sys.stderr)
         return 130
     except KecompressError as error:
-        print(f"kecompress: {error}", file=sys.stderr)
+        _report(error, str(error))
         return 2
     except OSError as error:  # a full disk, a read-only directory: the previous files are intact
         where = f" ({error.filename})" if error.filename else ""
-        print(f"kecompress: cannot read or write a file{where}: {error.strerror or error}; free disk space "
-              "or choose a writable location, then run again (with --resume to continue a run)", file=sys.stderr)
+        _report(error, f"cannot read or write a file{where}: {error.strerror or error}; free disk space "
+                "or choose a writable location, then run again (with --resume to continue a run)")
         return 2
+    finally:
+        distributed.teardown()
     return 0
+
+
+def _report(error: BaseException, message: str) -> None:
+    """One line on stderr; under torchrun only rank 0 prints an error that every rank raised."""
+    if distributed.is_main() or not distributed.raised_on_every_rank(error):
+        print(f"kecompress: {message}", file=sys.stderr, flush=True)
+    if distributed.raised_on_every_rank(error):
+        distributed.barrier()  # nobody exits (torchrun would then kill the rest) before rank 0 has printed
+
+
+def _resume_command(argv: list[str]) -> str:
+    again = ["kecompress", *argv] + ([] if "--resume" in argv else ["--resume"])
+    if not distributed.launched():
+        return shlex.join(again)
+    if os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):  # one machine
+        return shlex.join(["torchrun", "--nproc_per_node", os.environ["WORLD_SIZE"], "-m", *again])
+    return "the same torchrun command on every machine, running " + shlex.join(again)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
 from .errors import KecompressError
@@ -272,8 +272,14 @@ def load_datasets(data: str | Path | None, image_size: int | None = None, val_fr
 
 
 def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int,
-                 workers: int = 0) -> tuple[DataLoader, DataLoader]:
+                 workers: int = 0, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
     """Data loaders; the training order (and workers' augmentation seeds) follow ``seed``.
+
+    With ``world_size`` above 1 (under torchrun, see :mod:`kecompress.distributed`), the loaders
+    of process ``rank``: a seeded ``DistributedSampler`` gives it every ``world_size``-th image of
+    each shuffle (``batch_size`` is per process), and it evaluates every ``world_size``-th
+    validation image from its rank, each image once, so that metrics summed over the ranks are
+    those of the whole validation set.
 
     Example:
         >>> train, val, _ = demo_datasets()
@@ -283,10 +289,16 @@ def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int,
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise KecompressError(f"batch size must be a positive integer, got {batch_size!r}: pass e.g. 32")
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        val = Subset(val, range(rank, len(val), world_size))
     # A last training batch of one image breaks BatchNorm in training mode; drop only that one.
-    drop_last = len(train) > batch_size and len(train) % batch_size == 1
-    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                              num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    images = len(sampler) if sampler is not None else len(train)
+    drop_last = images > batch_size and images % batch_size == 1
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=drop_last, num_workers=workers,
+                              generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
     return train_loader, val_loader
 

@@ -5,12 +5,19 @@ generation's weights, re-draws the reset hypothesis (:func:`kecompress.reset_`),
 hypothesis bit for bit, and trains the whole network again with a new optimizer and the
 learning-rate schedule from its start. After every generation the dense network and the fit
 hypothesis are evaluated; a target metric for the fit hypothesis can end the run early.
+
+Under torchrun (a process group initialised, see :mod:`kecompress.distributed`) the same loop
+trains with DistributedDataParallel: every rank trains on its part of the data, the gradients
+are averaged, metrics are summed over the ranks, and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -21,11 +28,15 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
+from . import distributed
+from .distributed import on_every_rank
 from .errors import KecompressError
 from .files import save_json, save_torch
+from .precision import MixedPrecision
 from .reset import reset_
 from .slim import slice_fit
 from .split import Split
@@ -103,8 +114,15 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric_fn: Callable,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
+             device: torch.device | str = "cpu", precision: str = "fp32",
+             across_ranks: bool = False) -> tuple[float, float]:
     """Mean loss and mean metric of ``model`` over ``loader``, in eval mode (then restored).
+
+    Args:
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` to run under autocast.
+        across_ranks: under torchrun, sum the losses, metrics and counts of every rank's
+            ``loader`` (each rank holding a part of the data, every rank must call it), so that
+            every rank returns the means over all the data.
 
     Example:
         >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
@@ -114,15 +132,20 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: Callable, metric_fn:
     """
     was_training = model.training
     model.eval()
+    amp = MixedPrecision(precision, device)
     total_loss = total_metric = count = 0.0
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
-        outputs = model(inputs)
+        with amp.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
         batch = len(inputs)
-        total_loss += loss_fn(outputs, targets).item() * batch
+        total_loss += loss.item() * batch
         total_metric += metric_fn(outputs, targets) * batch
         count += batch
     model.train(was_training)
+    if across_ranks:
+        total_loss, total_metric, count = distributed.all_sum([total_loss, total_metric, count], device)
     return total_loss / max(count, 1), total_metric / max(count, 1)
 
 
@@ -161,6 +184,47 @@ def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
     return (seed * 1_000_003 + generation * 10_007 + epoch) % (2 ** 63)
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    # Each rank augments and drops out with its own numbers (rank 0 keeps the single-process
+    # seed); the odd 64-bit stride keeps the ranks' seeds far from every other epoch's.
+    return (seed + rank * 0x9E3779B97F4A7C15) % (2 ** 63)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" + ("es" if count != 1 else "")
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse ``torch.compile`` where it cannot work, naming the fix.
+
+    Example:
+        >>> check_compile(torch.device("cpu"))  # g++ is installed here
+    """
+    import torch._dynamo  # not loaded by ``import torch``; only compiling needs it
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise KecompressError("torch.compile does not support this Python or platform: drop --compile")
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")  # what torch.compile's C++ back end calls on Linux
+        if shutil.which(compiler) is None:
+            raise KecompressError(f"torch.compile on the CPU needs a C++ compiler and {compiler} was not found: "
+                                  "install one (e.g. apt install g++) or drop --compile")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise KecompressError("torch.compile on a GPU needs triton, which is not installed: "
+                              "pip install triton, or drop --compile")
+
+
+def check_channels_last(model: nn.Module) -> None:
+    """Refuse the channels-last memory format for a model without 2-D convolutions (no gain).
+
+    Example:
+        >>> check_channels_last(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    """
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        raise KecompressError("--channels-last helps only convolutional networks on image batches and this "
+                              "model has no 2-D convolution: drop --channels-last")
+
+
 class Evolution:
     """One Knowledge Evolution run: a model, its split, data, and the generation loop.
 
@@ -176,7 +240,7 @@ class Evolution:
         example_inputs: an input batch for slicing the fit hypothesis (KELS); by default the
             first validation sample.
         run_dir: where the checkpoint (every epoch) and ``metrics.json`` (every generation)
-            go; nothing is written when None.
+            go; nothing is written when None, nor by any rank but rank 0 under torchrun.
         reporter: receives progress (see :class:`Reporter`).
         fit_batchnorm: ``"re-estimated"`` (default): before the fit network is evaluated, its
             BatchNorm statistics are recomputed on the training data, for the fit network
@@ -185,6 +249,15 @@ class Evolution:
             as cut out lags the dense network, re-estimated it matches it). ``"inherited"``:
             the fit as cut out, with the dense network's statistics, as KE's paper measures it.
             The weights are the same either way.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 with a gradient scaler).
+        channels_last: train a convolutional network in the channels-last memory format
+            (faster on GPUs with mixed precision); converts ``model`` in place.
+        compile_model: train through ``torch.compile`` (slow to start, then faster).
+
+    Under torchrun, with a process group initialised (:func:`kecompress.distributed.setup`),
+    training runs through ``DistributedDataParallel``: give ``train_loader`` a
+    ``DistributedSampler`` (:func:`kecompress.data.make_loaders` with ``rank`` and
+    ``world_size`` does) and each rank a part of the validation data.
 
     Example:
         >>> import kecompress
@@ -201,12 +274,25 @@ class Evolution:
                  metric_fn: Callable = accuracy, metric_name: str = "accuracy",
                  device: torch.device | str = "cpu", example_inputs=None,
                  run_dir: str | Path | None = None, reporter: Reporter | None = None,
+                 precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
                  fit_batchnorm: str = "re-estimated"):
         split.check_matches(model)
         if fit_batchnorm not in FIT_BATCHNORM:
             raise KecompressError(f"fit_batchnorm must be one of {', '.join(FIT_BATCHNORM)}, got {fit_batchnorm!r}")
         self.fit_batchnorm = fit_batchnorm
-        self.model = model.to(device)
+        if distributed.launched() and not distributed.is_distributed():
+            raise on_every_rank(KecompressError(
+                "torchrun started several processes but this one has joined no process group, so each would "
+                "train alone: call kecompress.distributed.setup(device) first"))
+        self.amp = MixedPrecision(precision, device)
+        if channels_last:
+            check_channels_last(model)
+        if compile_model:
+            check_compile(torch.device(device))
+        self.channels_last, self.compile_model = channels_last, compile_model
+        # The bare model: resets, slicing, evaluation and checkpoints use it, so that its
+        # parameter names (those of the split) never carry DDP's "module." or compile's "_orig_mod.".
+        self.model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
         self.split = split
         self.train_loader, self.val_loader = train_loader, val_loader
         self.config = config or TrainingConfig()
@@ -221,6 +307,7 @@ class Evolution:
         self._epoch_progress = None  # how far into the next epoch a Ctrl-C checkpoint got
         self._optimizer_state = self._schedule_state = None
         self._stop_requested = False
+        self._network = None  # what training calls; see _training_network
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_state(self, generation: int, epochs_done: int, optimizer, schedule,
@@ -228,15 +315,17 @@ class Evolution:
         """Everything a resumed run needs, as plain tensors and numbers (``weights_only`` safe).
 
         ``epoch_progress`` (steps, loss sum and samples so far) marks a checkpoint taken inside
-        an epoch, when the run is stopped with Ctrl-C.
+        an epoch, when the run is stopped with Ctrl-C. The same keys whatever the number of
+        processes: the model's parameter names are the bare model's.
 
         Example:
             >>> # written for you every epoch when ``run_dir`` is set
         """
         return {"generation": generation, "epochs_done": epochs_done, "epoch_progress": epoch_progress,
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "history": self.history,
-                "rng": torch.get_rng_state(), "config": asdict(self.config), "split": self._split_identity()}
+                "schedule": schedule.state_dict(), "scaler": self.amp.state_dict(), "history": self.history,
+                "rng": torch.get_rng_state(), "config": asdict(self.config), "split": self._split_identity(),
+                "world_size": distributed.world_size()}
 
     def _split_identity(self) -> dict:
         return {"method": self.split.method, "rate": self.split.rate, "seed": self.split.seed}
@@ -245,15 +334,33 @@ class Evolution:
         """Continue from a checkpoint written by an earlier run of the same configuration.
 
         A run that died before its first checkpoint has nothing to continue: it starts over.
+        Under torchrun, rank 0 reads the checkpoint and sends it to the other ranks, so other
+        machines need not see the run directory; the number of processes must be the same.
 
         Example:
             >>> # Evolution(model, split, train, val, config, run_dir="runs/a").resume().run()
         """
         path = Path(checkpoint_path) if checkpoint_path else self.run_dir / CHECKPOINT
-        if not path.exists():
+        state = distributed.run_on_main(self._read_checkpoint, path)
+        if state is None:
             return self
+        self.model.load_state_dict(state["model"])
+        self.history = list(state["history"])
+        self._position = (state["generation"], state["epochs_done"])
+        self._optimizer_state, self._schedule_state = state["optimizer"], state["schedule"]
+        self.amp.load_state_dict(state.get("scaler"))
+        torch.set_rng_state(state["rng"])
+        progress = state.get("epoch_progress")
+        if progress and "ranks_rng" in progress:  # each rank continues its own random numbers
+            progress = dict(progress, rng=progress["ranks_rng"][distributed.rank()])
+        self._epoch_progress = progress
+        return self
+
+    def _read_checkpoint(self, path: Path) -> dict | None:
+        if not path.exists():
+            return None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
         except Exception as error:
             raise KecompressError(f"cannot resume from {path} ({error.__class__.__name__}): the checkpoint "
@@ -267,12 +374,14 @@ class Evolution:
             changed = sorted(key for key in current if saved.get(key) != current[key])
             raise KecompressError(f"the checkpoint in {path.parent} was made with other settings "
                                   f"({', '.join(changed)}): resume with the same settings or use another --out")
-        self.history = list(state["history"])
-        self._position = (state["generation"], state["epochs_done"])
-        self._epoch_progress = state.get("epoch_progress")
-        self._optimizer_state, self._schedule_state = state["optimizer"], state["schedule"]
-        torch.set_rng_state(state["rng"].cpu())
-        return self
+        saved_world = state.get("world_size", 1)
+        if saved_world != distributed.world_size():
+            raise KecompressError(
+                f"the checkpoint in {path.parent} was made by {_processes(saved_world)} and this run has "
+                f"{_processes(distributed.world_size())}: the images of a step (batch size x processes) and the "
+                f"steps of an epoch would change, a different run; resume with {_processes(saved_world)} "
+                f"(torchrun --nproc_per_node, times the machines), or use another --out")
+        return state
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -284,22 +393,31 @@ class Evolution:
         Example:
             >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
         """
-        if self.run_dir is not None:
+        if self._writes_files:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._stop_on_ctrl_c():
             return self._run()
 
+    @property
+    def _writes_files(self) -> bool:
+        return self.run_dir is not None and distributed.is_main()
+
     @contextmanager
     def _stop_on_ctrl_c(self):
         """First Ctrl-C: stop after the current step with a checkpoint. Second: stop at once
-        (every file is written atomically, so nothing is left half-written)."""
+        (every file is written atomically, so nothing is left half-written).
+
+        Under torchrun every rank stops after the same step, and further SIGINTs are expected
+        (torchrun forwards the terminal's), so they do not cut the checkpoint short; torchrun
+        kills the workers if they take longer than its grace period (30 s)."""
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be set from the main thread
             return
 
         def request_stop(signum, frame):
             self._stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if not distributed.is_distributed():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
         previous = signal.signal(signal.SIGINT, request_stop)
         try:
@@ -318,7 +436,7 @@ class Evolution:
             if epochs_done == 0 and generation > 1 and not self._epoch_progress:
                 reset_(self.model, self.split, seed=_epoch_seed(config.seed, generation, -1))
             record = self._train_generation(generation, epochs_done)
-            if self.run_dir is not None:
+            if self._writes_files:
                 save_json({"generations": self.history}, self.run_dir / METRICS)
             if self.reporter:
                 self.reporter.generation_done(record)
@@ -343,10 +461,13 @@ class Evolution:
         train_loss = float("nan")
         for epoch in range(epochs_done, config.epochs):
             train_loss = self._train_epoch(generation, epoch, optimizer, schedule)
-            if self.run_dir is not None and epoch + 1 < config.epochs:
+            if self._writes_files and epoch + 1 < config.epochs:
                 save_torch(self.checkpoint_state(generation, epoch + 1, optimizer, schedule),
                            self.run_dir / CHECKPOINT)
-        dense_loss, dense_metric = evaluate(self.model, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        # BatchNorm statistics: DDP gives every rank rank 0's at each forward pass, after which
+        # each rank updates its own; make them rank 0's everywhere before evaluating.
+        distributed.broadcast_from_main(list(self.model.buffers()))
+        dense_loss, dense_metric = self._evaluate(self.model)
         fit_loss, fit_metric, fit_parameters = self.evaluate_fit()
         record = {"generation": generation,
                   f"dense_{self.metric_name}": dense_metric, f"fit_{self.metric_name}": fit_metric,
@@ -354,16 +475,40 @@ class Evolution:
                   "dense_parameters": parameter_count(self.model), "fit_parameters": fit_parameters,
                   "train_loss": train_loss, "seconds": time.perf_counter() - started}
         self.history.append(record)
-        if self.run_dir is not None:  # the generation's last checkpoint carries its record
+        if self._writes_files:  # the generation's last checkpoint carries its record
             save_torch(self.checkpoint_state(generation, config.epochs, optimizer, schedule),
                        self.run_dir / CHECKPOINT)
         return record
 
+    def _training_network(self) -> nn.Module:
+        """The module training calls: the bare model, wrapped in DistributedDataParallel under
+        torchrun (its constructor gives every rank rank 0's weights and buffers), compiled on
+        request. Built at the first step, so that a resumed run's weights are the ones sent."""
+        if self._network is None:
+            network = self.model
+            if distributed.is_distributed():
+                self._check_distributed_sampler()
+                network = DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._network = torch.compile(network) if self.compile_model else network
+        return self._network
+
+    def _check_distributed_sampler(self) -> None:
+        if isinstance(self.train_loader, DataLoader) and not hasattr(self.train_loader.sampler, "set_epoch"):
+            raise on_every_rank(KecompressError(
+                "under torchrun every rank must train on its own part of the data: give the training loader a "
+                "DistributedSampler (kecompress.data.make_loaders(..., rank=, world_size=) does)"))
+
     def _train_epoch(self, generation: int, epoch: int, optimizer, schedule) -> float:
-        torch.manual_seed(_epoch_seed(self.config.seed, generation, epoch))
+        network = self._training_network()
+        epoch_seed = _epoch_seed(self.config.seed, generation, epoch)
+        torch.manual_seed(_rank_seed(epoch_seed, distributed.rank()))
         generator = getattr(self.train_loader, "generator", None)
         if generator is not None:
-            generator.manual_seed(_epoch_seed(self.config.seed, generation, epoch))
+            generator.manual_seed(_rank_seed(epoch_seed, distributed.rank()))
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler: the same order on every rank
+            sampler.set_epoch(epoch_seed)
         if self.reporter:
             self.reporter.epoch_started(generation, epoch)
         self.model.train()
@@ -374,33 +519,52 @@ class Evolution:
                 if step + 1 == skip:
                     torch.set_rng_state(progress["rng"])
                 continue
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            loss = self.loss_fn(self.model(inputs), targets)
+            inputs, targets = self._to_device(inputs), targets.to(self.device)
+            with self.amp.autocast():
+                loss = self.loss_fn(network(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise KecompressError(
-                    f"the loss became {value} at generation {generation}, epoch {epoch + 1}, step {step + 1}: "
-                    f"training diverged; lower the learning rate (now {self.config.lr}) and start again")
-            total += value * len(inputs)
-            count += len(inputs)
+            self.amp.backward_and_step(loss, optimizer)
+            self.amp.step_schedule(schedule)
+            # One small collective a step: the loss over every rank, and whether any rank was
+            # asked to stop, so that all of them stop after the same step.
+            loss_sum, samples, stop = distributed.all_sum(
+                [loss.detach().double() * len(inputs), len(inputs), self._stop_requested], self.device)
+            if math.isfinite(loss_sum):
+                total += loss_sum
+                count += int(samples)
+            elif self.amp.scaler is None:  # (with one, fp16's scaler skipped this step and lowered its scale)
+                raise on_every_rank(KecompressError(
+                    f"the loss became {loss_sum / samples} at generation {generation}, epoch {epoch + 1}, "
+                    f"step {step + 1}: training diverged; lower the learning rate (now {self.config.lr}) "
+                    "and start again"))
             if self.reporter:
-                self.reporter.step_done(value, len(inputs))
-            if self._stop_requested:
+                self.reporter.step_done(loss_sum / samples, int(samples))
+            # One process also stops for a Ctrl-C that came during the report; ranks must agree.
+            if stop or (self._stop_requested and not distributed.is_distributed()):
                 self._save_interrupted(generation, epoch, optimizer, schedule,
-                                       {"steps": step + 1, "loss_sum": total, "samples": count,
-                                        "rng": torch.get_rng_state()})
+                                       {"steps": step + 1, "loss_sum": total, "samples": count})
         return total / max(count, 1)
+
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and inputs.dim() == 4:
+            return inputs.to(self.device, memory_format=torch.channels_last)
+        return inputs.to(self.device)
 
     def _save_interrupted(self, generation: int, epoch: int, optimizer, schedule, progress: dict):
         self._stop_requested = False
-        if self.run_dir is not None:
+        rng_states = distributed.all_gather(torch.get_rng_state())
+        progress["rng"] = rng_states[distributed.rank()]
+        if len(rng_states) > 1:  # a mid-epoch resume continues every rank's own random numbers
+            progress["ranks_rng"] = rng_states
+        if self._writes_files:
             save_torch(self.checkpoint_state(generation, epoch, optimizer, schedule, progress),
                        self.run_dir / CHECKPOINT)
-        raise RunInterrupted(generation, epoch + 1, progress["steps"], saved=self.run_dir is not None)
+        distributed.barrier()  # no rank exits (torchrun would then kill the rest) before rank 0 has written
+        raise on_every_rank(RunInterrupted(generation, epoch + 1, progress["steps"], saved=self.run_dir is not None))
+
+    def _evaluate(self, model: nn.Module) -> tuple[float, float]:
+        return evaluate(model, self.val_loader, self.loss_fn, self.metric_fn, self.device,
+                        precision=self.amp.precision, across_ranks=True)
 
     def evaluate_fit(self) -> tuple[float, float, int]:
         """Loss, metric and parameter count of the fit hypothesis on the validation data, measured
@@ -410,7 +574,7 @@ class Evolution:
             >>> # loss, metric, parameters = evolution.evaluate_fit()
         """
         fit = self.fit_network()
-        loss, metric = evaluate(fit, self.val_loader, self.loss_fn, self.metric_fn, self.device)
+        loss, metric = self._evaluate(fit)
         if self.split.method == "kels":
             return loss, metric, parameter_count(fit)
         uncovered = parameter_count(self.model) - self.split.total_count()
@@ -432,7 +596,7 @@ class Evolution:
             >>> evolution.fit_network()[1].num_features
             8
         """
-        if self.split.method == "kels":
+        if self.split.method == "kels":  # under torchrun: every rank, each on its part of the data
             example = self.example_inputs
             if example is None:
                 example = next(iter(self.val_loader))[0][:1]
@@ -450,7 +614,7 @@ class Evolution:
     def _reestimate_batchnorm(self, fit: nn.Module) -> None:
         # The training data's shuffle and augmentation are drawn from a seed of their own, then
         # the random state is restored, so training and resuming are unaffected.
-        seed = _epoch_seed(self.config.seed, 0, -2)
+        seed = _rank_seed(_epoch_seed(self.config.seed, 0, -2), distributed.rank())
         generator = getattr(self.train_loader, "generator", None)
         order = generator.get_state() if generator is not None else None
         cuda_devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -461,6 +625,9 @@ class Evolution:
             update_bn(self.train_loader, fit, device=self.device)
         if generator is not None:
             generator.set_state(order)
+        # Under torchrun each rank saw its part of the training data: average the statistics, so
+        # that every rank holds the same fit network (equal parts weigh equally).
+        distributed.average_over_ranks([buffer for buffer in fit.buffers() if buffer.is_floating_point()])
 
 
 def evolve(model: nn.Module, split: Split, train_loader, val_loader,

@@ -21,7 +21,7 @@ class RunsACommand:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     paths = {name: root / name for name in (
-        "missing.pt", "empty.pt", "notes.pt", "weights.pt", "truncated.pt", "list.pt", "evil.pt", "five.pt", "flat.pt",
+        "missing.pt", "empty.pt", "notes.pt", "weights.pt", "truncated.pt", "list.pt", "evil.pt", "five.pt", "flat.pt", "mlp.pt",
         "no_data", "empty_dir", "used", "unfinished", "damaged", "one_class", "bad_images", "exported", "a_dir.pt")}
     paths["empty.pt"].write_bytes(b"")
     paths["notes.pt"].write_text("not a model\n")
@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     paths["truncated.pt"].write_bytes(paths["five.pt"].read_bytes()[:100_000])
     torch.save([1, 2, 3], paths["list.pt"])
     torch.save(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), paths["flat.pt"])  # takes 12 numbers, not images
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), paths["mlp.pt"])  # images, no convolution
     torch.save(RunsACommand(), paths["evil.pt"])
     for name in ("empty_dir", "used", "unfinished", "damaged", "exported", "a_dir.pt"):
         paths[name].mkdir()
@@ -88,6 +89,8 @@ EVOLVE = [
     (["evolve", "{flat_pt}"], "input"),
     (["evolve", "resnet18", "--out", "/sys/kecompress-run"], "cannot read or write"),
     (["evolve", "shufflenet_v2_x0_5"], "dependency graph"),
+    (["evolve", "resnet18", "--precision", "fp8"], "precision"),
+    (["evolve", "{mlp_pt}", "--channels-last"], "drop --channels-last"),
 ]
 
 EXPORT = [
