@@ -25,7 +25,7 @@ def jobs_with(ke_dense, ke_fit, long, small):
     for seed in (0, 1):
         jobs["ke", seed] = {"history": [{"dense_accuracy": d[seed], "fit_accuracy": f[seed],
                                          "fit_as_cut_accuracy": f[seed] - 0.03, "agreement": 0.5 + g / 4,
-                                         "reset_bn_scale": 1 - g / 2} for g, (d, f) in enumerate(zip(ke_dense, ke_fit))]}
+                                         "reset_bn_scale": 1 - 0.6 * g} for g, (d, f) in enumerate(zip(ke_dense, ke_fit))]}
         jobs["long", seed] = {"history": [{"dense_accuracy": long[seed], "fit_accuracy": 0.4,
                                            "fit_as_cut_accuracy": 0.1, "agreement": 0.2, "reset_bn_scale": 0.9}]}
         jobs["small", seed] = {"history": [{"dense_accuracy": small[seed], "fit_accuracy": small[seed]}]}
@@ -44,8 +44,9 @@ def test_a_ke_run_that_loses_to_the_equal_compute_baseline_says_so(bench):
     assert lines[4].startswith("**The fit network loses to the fit-sized network")
     assert dict(bench.differences(summary))["KE dense (last generation) - N1"] == pytest.approx([0.2, 0.2])
     assert "equal-compute network reaches 40.00% (as cut out: 10.00%)" in lines[5]
-    assert "same class on 75.00% of the test images" in lines[6] and "are 0.50 of the fit channels'" in lines[6]
-    assert "(generation 1: 1.00; the equal-compute network: 0.90, same prediction on 20.00%)" in lines[6]
+    assert "same class on 75.00% of the test images at generation 2 (one network trained as long" in lines[6]
+    assert "slice of it: 20.00%)" in lines[6]
+    assert "fell to 0.40 of the fit channels' (generation 1: 1.00): the dense network turns down" in lines[6]
 
 
 def test_a_ke_run_that_wins_says_so_and_judges_the_spread(bench):
@@ -58,6 +59,15 @@ def test_a_ke_run_that_wins_says_so_and_judges_the_spread(bench):
     assert "within two standard errors" in lines[3]
     assert "beats the fit-sized network" in lines[4] and "beyond two standard errors" in lines[4]
     assert bench.points([0.9, 0.96]) == "93.00 ± 4.24"
+
+
+def test_the_reset_channels_are_not_said_to_be_muted_when_their_scale_holds(bench):
+    jobs = jobs_with(ke_dense=[(0.7, 0.7), (0.9, 0.9)], ke_fit=[(0.2, 0.2), (0.9, 0.9)], long=(0.9, 0.9),
+                     small=(0.9, 0.9))
+    for seed in (0, 1):
+        jobs["ke", seed]["history"][1]["reset_bn_scale"] = 0.95
+    line = bench.verdicts(bench.summarise(jobs, [0, 1], generations=2), generations=2)[6]
+    assert "Not by muting the reset channels: their BatchNorm scales are still 0.95" in line
 
 
 def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
