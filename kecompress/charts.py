@@ -32,8 +32,10 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     """Draw dense and fit metric (and the losses) against generation for one run or several.
 
     Solid lines for the dense network, dashed for the fit hypothesis, dotted for the training
-    loss; one colour per run when there are several. Accuracies are drawn in percent. The PNG is
-    written atomically.
+    loss; one colour per run when there are several. Beside runs of several generations, a run of
+    one generation (an equal-compute baseline trained once for as many epochs, say) is drawn as
+    horizontal lines across the chart, to compare with their last generation. Accuracies are drawn
+    in percent. The PNG is written atomically.
 
     Args:
         runs: a legend label -> that run's records (``metrics.json``'s ``"generations"``).
@@ -66,19 +68,28 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2 if has_loss else 1, squeeze=False)[0]
     several = len(runs) > 1
+    as_level = several and any(len(records) > 1 for records in runs.values())
+
+    def draw(axis, records, key, style, marker, colour, label):
+        points = [(record["generation"], record[key]) for record in records if record.get(key) is not None]
+        if not points:
+            return
+        generations, values = zip(*points)
+        values = [scale * value for value in values] if key.endswith(metric) else values
+        if as_level and len(records) == 1:
+            axis.axhline(values[0], linestyle=style, color=colour, label=f"{label} (one generation)")
+        else:
+            axis.plot(generations, values, style, marker=marker, color=colour, label=label)
+
     for index, (label, records) in enumerate(runs.items()):
-        generations = [record["generation"] for record in records]
         prefix = f"{label}: " if several else ""
         for series, (side, style, marker) in enumerate((("dense", "-", "o"), ("fit", "--", "s"))):
-            values = [scale * record[f"{side}_{metric}"] for record in records]
-            axes[0].plot(generations, values, style, marker=marker, color=f"C{index if several else series}",
-                         label=f"{prefix}{side}")
+            draw(axes[0], records, f"{side}_{metric}", style, marker, f"C{index if several else series}",
+                 f"{prefix}{side}")
         if has_loss:
             for series, (key, style) in enumerate((("dense_loss", "-"), ("fit_loss", "--"), ("train_loss", ":"))):
-                points = [(record["generation"], record[key]) for record in records if key in record]
-                if points:
-                    axes[1].plot(*zip(*points), style, marker=".", color=f"C{index if several else series}",
-                                 label=f"{prefix}{key.replace('_', ' ')}")
+                draw(axes[1], records, key, style, ".", f"C{index if several else series}",
+                     f"{prefix}{key.replace('_', ' ')}")
     axes[0].set_ylabel(f"validation {metric.replace('_', ' ')}{unit}")
     if has_loss:
         axes[1].set_ylabel("loss")

@@ -64,12 +64,13 @@ def test_report_prints_every_generation_and_redraws_the_runs_chart(cli_run, caps
 def test_report_charts_several_runs_together(tmp_path, capsys):
     first = write_metrics(tmp_path / "a" / "run", records([0.5, 0.7, 0.8], [0.1, 0.5, 0.79]))
     second = write_metrics(tmp_path / "b" / "run", records([0.6, 0.65], [0.2, 0.6]))
+    long = write_metrics(tmp_path / "long", records([0.83], [0.12]))  # one generation: drawn as a level
     chart = tmp_path / "both.png"
-    status, out, err = run(capsys, "report", first, second, "--out", chart)
+    status, out, err = run(capsys, "report", first, second, long, "--out", chart)
     assert status == 0, err
     assert png_size(chart)[0] > 400
     assert str(first) in out and str(second) in out  # same directory names: the whole paths label them
-    assert "79.00%" in out and "65.00%" in out
+    assert "79.00%" in out and "65.00%" in out and "83.00%" in out
     status, out, err = run(capsys, "report", first, second, "--out", chart, "--label", "kels", "--label", "wels")
     assert status == 2 and "exists" in err and "--force" in err
     status, out, err = run(capsys, "report", first, second, "--out", chart, "--label", "kels", "--label", "wels",
