@@ -48,10 +48,12 @@ from kecompress.bench import machine_description
 from kecompress.evolve import Evolution, TrainingConfig, accuracy, evaluate
 from kecompress.files import atomic_path, save_json
 from kecompress.models import build_model
+from kecompress.split import check_rate
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ANALYSIS = "<!-- ANALYSIS: everything below this line is written by hand and kept when the benchmark reruns -->"
 ARMS = ("ke", "long", "small")
+JOB_FORMAT = 1  # raise when a job's record changes, so that jobs kept from before are run again
 console = Console(width=160)  # logs are not terminals; keep the tables whole
 
 
@@ -520,8 +522,12 @@ def main(argv=None) -> int:
         "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
         "device": args.device, "threads": max(1, cores // args.workers) if args.device == "cpu" else cores,
         "loader_workers": args.loader_workers, "kecompress": kecompress.__version__, "torch": torch.__version__,
+        "job_format": JOB_FORMAT,
     }
-    try:  # fail here, in one line, on data that cannot give the small-data regime
+    try:  # fail here, in one line, on settings or data that cannot give the small-data regime
+        check_rate(args.rate)
+        TrainingConfig(generations=args.generations, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                       warmup_epochs=args.warmup_epochs)
         pool, test, classes = load_data(settings)
         training_images(pool, classes, settings, seed=0)
     except kecompress.KecompressError as error:

@@ -87,8 +87,13 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
     assert again.returncode == 0 and again.stdout.count("kept from") == 6
 
 
-def test_the_benchmark_refuses_more_images_per_class_than_the_data_has(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--per-class", "500", "--work-dir", str(tmp_path)],
+@pytest.mark.parametrize("argv, message", [
+    (["--per-class", "500"], "fewer than the 500 per class"),
+    (["--rate", "1.5"], "split rate must be in (0, 1]"),
+    (["--lr", "-1"], "learning rate must be a positive number"),
+])
+def test_the_benchmark_refuses_bad_settings_in_one_line(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv, "--work-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "fewer than the 500 per class" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
