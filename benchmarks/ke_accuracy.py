@@ -19,14 +19,15 @@ docs/results.png.
     .venv/bin/python benchmarks/ke_accuracy.py --data path/to/images --per-class 0 --image-size 224 \\
         --generations 10 --epochs 200 --device cuda   # the paper's setting, for whoever has a GPU
 
-Finished jobs are kept in --work-dir, so a rerun with the same settings continues where the
-last one stopped; delete the directory to measure again from scratch.
+Finished jobs are kept in --work-dir, named by their settings, so a rerun with the same settings
+continues where the last one stopped; delete the directory to measure again from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -509,6 +510,10 @@ def parse_args(argv):
     return args
 
 
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -535,8 +540,8 @@ def main(argv=None) -> int:
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    def job_path(arm: str, seed: int) -> Path:
-        return args.work_dir / f"{arm}-seed{seed}.json"
+    def job_path(arm: str, seed: int) -> Path:  # named by the settings too: other settings keep their own jobs
+        return args.work_dir / f"{arm}-seed{seed}-{settings_digest(settings)}.json"
 
     jobs, pending = {}, []
     for arm in ARMS:  # the longest jobs first, so the workers finish together

@@ -79,7 +79,7 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "30 in all" in report and "| 2 | 2 |" in report and "Reproduce: `python benchmarks/ke_accuracy.py" in report
     assert "## Verdict" in report and (tmp_path / "docs" / "results.png").stat().st_size > 10_000
-    assert len(list((tmp_path / "work").glob("*-seed*.json"))) == 6
+    assert len(list((tmp_path / "work").glob("*-seed*-*.json"))) == 6
     again = subprocess.run(  # a rerun with the same settings keeps every finished job
         [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
          "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
