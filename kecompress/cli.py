@@ -27,9 +27,9 @@ from .bench import latency_table, measure_latency
 from .charts import metric_name, plot_generations
 from .export import export_pair, export_table
 from .files import remove_stale_temporaries
-from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig, check_channels_last, check_compile
+from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
-from .precision import PRECISIONS, MixedPrecision
+from .acceleration import PRECISIONS, MixedPrecision, check_channels_last, check_compile
 from .report import RichReporter, generations_table
 from .slim import slice_fit
 from .split import Split, check_rate, split as make_split

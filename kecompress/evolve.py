@@ -14,10 +14,7 @@ are averaged, metrics are summed over the ranks, and only rank 0 writes files.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -36,7 +33,7 @@ from . import distributed
 from .distributed import on_every_rank
 from .errors import KecompressError
 from .files import save_json, save_torch
-from .precision import MixedPrecision
+from .acceleration import MixedPrecision, check_channels_last, check_compile
 from .reset import reset_
 from .slim import slice_fit
 from .split import Split
@@ -192,37 +189,6 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 def _processes(count: int) -> str:
     return f"{count} process" + ("es" if count != 1 else "")
-
-
-def check_compile(device: torch.device) -> None:
-    """Refuse ``torch.compile`` where it cannot work, naming the fix.
-
-    Example:
-        >>> check_compile(torch.device("cpu"))  # g++ is installed here
-    """
-    import torch._dynamo  # not loaded by ``import torch``; only compiling needs it
-
-    if not torch._dynamo.is_dynamo_supported():
-        raise KecompressError("torch.compile does not support this Python or platform: drop --compile")
-    if device.type == "cpu":
-        compiler = os.environ.get("CXX", "g++")  # what torch.compile's C++ back end calls on Linux
-        if shutil.which(compiler) is None:
-            raise KecompressError(f"torch.compile on the CPU needs a C++ compiler and {compiler} was not found: "
-                                  "install one (e.g. apt install g++) or drop --compile")
-    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise KecompressError("torch.compile on a GPU needs triton, which is not installed: "
-                              "pip install triton, or drop --compile")
-
-
-def check_channels_last(model: nn.Module) -> None:
-    """Refuse the channels-last memory format for a model without 2-D convolutions (no gain).
-
-    Example:
-        >>> check_channels_last(nn.Sequential(nn.Conv2d(3, 8, 3)))
-    """
-    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        raise KecompressError("--channels-last helps only convolutional networks on image batches and this "
-                              "model has no 2-D convolution: drop --channels-last")
 
 
 class Evolution:

@@ -13,7 +13,7 @@ import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
 from kecompress.cli import main
 from kecompress.evolve import RunInterrupted
-from kecompress.precision import MixedPrecision
+from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 
 

@@ -1,18 +1,26 @@
-"""Mixed precision for the evolve loop: autocast, and gradient scaling for float16.
+"""What makes the training step faster: mixed precision, channels-last and torch.compile.
 
 ``fp32`` computes everything in float32. ``bf16`` and ``fp16`` run the forward pass under
 ``torch.autocast`` (matrix products and convolutions in the half type, reductions and losses in
 float32; the weights stay float32). float16 has a narrow range, so its loss is scaled up before
 the backward pass by a ``torch.amp.GradScaler``, which skips a step whose gradients overflowed
 and lowers the scale; bfloat16 has float32's range and needs no scaling.
+
+Channels-last stores image batches and convolution weights as NHWC, which the convolution kernels
+of recent CPUs and GPUs prefer; ``torch.compile`` fuses the forward and backward passes. Both are
+checked before a run starts, so a missing compiler fails in one line rather than at the first step.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 
 from .errors import KecompressError
 
@@ -125,3 +133,34 @@ def _check_autocast(device: torch.device, dtype: torch.dtype, precision: str) ->
     if product.dtype != dtype or (device.type == "cuda" and dtype == torch.bfloat16
                                   and not torch.cuda.is_bf16_supported()):
         raise KecompressError(f"--precision {precision} is not available on {device}: {fix}")
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse ``torch.compile`` where it cannot work, naming the fix.
+
+    Example:
+        >>> check_compile(torch.device("cpu"))  # g++ is installed here
+    """
+    import torch._dynamo  # not loaded by ``import torch``; only compiling needs it
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise KecompressError("torch.compile does not support this Python or platform: drop --compile")
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")  # what torch.compile's C++ back end calls on Linux
+        if shutil.which(compiler) is None:
+            raise KecompressError(f"torch.compile on the CPU needs a C++ compiler and {compiler} was not found: "
+                                  "install one (e.g. apt install g++) or drop --compile")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise KecompressError("torch.compile on a GPU needs triton, which is not installed: "
+                              "pip install triton, or drop --compile")
+
+
+def check_channels_last(model: nn.Module) -> None:
+    """Refuse the channels-last memory format for a model without 2-D convolutions (no gain).
+
+    Example:
+        >>> check_channels_last(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    """
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        raise KecompressError("--channels-last helps only convolutional networks on image batches and this "
+                              "model has no 2-D convolution: drop --channels-last")
