@@ -210,24 +210,35 @@ def test_bad_training_settings_are_refused(field, value, message):
 
 
 class CtrlC(Snapshots):
-    """Presses Ctrl-C (a real SIGINT) at the given training step."""
+    """Presses Ctrl-C (a real SIGINT) at the given training step, ``presses`` times in a row."""
+
+    def __init__(self, model, fail_at, presses=1):
+        super().__init__(model, fail_at)
+        self.presses = presses
 
     def step_done(self, loss, samples):
         self.steps += 1
         if self.steps == self.fail_at:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_saves_a_checkpoint_mid_epoch_and_the_resumed_run_matches(tmp_path):
+# Once: stop after the step with a mid-epoch checkpoint. Twice, an impatient user: stop at once,
+# and the last end-of-epoch checkpoint resumes. Either way the resumed run is the uninterrupted one.
+@pytest.mark.parametrize("presses, stops_with", [
+    (1, pytest.raises(RunInterrupted, match="generation 2, epoch 1, step 3; a checkpoint was saved")),
+    (2, pytest.raises(KeyboardInterrupt))])
+def test_ctrl_c_stops_and_the_resumed_run_matches(tmp_path, presses, stops_with):
     reference, reference_history = run_to_the_end(tmp_path / "a")
     torch.manual_seed(0)
     model = small_cnn()
     s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
     config = TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4)
-    with pytest.raises(RunInterrupted, match="generation 2, epoch 1, step 3; a checkpoint was saved"):
-        Evolution(model, s, train, val, config, run_dir=tmp_path / "b", reporter=CtrlC(model, 13)).run()
+    with stops_with:
+        Evolution(model, s, train, val, config, run_dir=tmp_path / "b", reporter=CtrlC(model, 13, presses)).run()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    assert list((tmp_path / "b").glob(".*.tmp")) == []  # nothing left half-written
     model, history = run_to_the_end(tmp_path / "b", resume=True)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
