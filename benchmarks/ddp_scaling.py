@@ -94,7 +94,7 @@ def worker(config: dict, rank: int, port: int, options: dict, commands, results)
     import kecompress
     from kecompress import distributed
     from kecompress.data import demo_datasets, input_shape, make_loaders
-    from kecompress.evolve import Evolution, TrainingConfig, make_optimizer
+    from kecompress.evolution import Evolution, TrainingConfig, make_optimizer
     from kecompress.models import build_model
 
     torch.set_num_threads(config["threads"])

@@ -46,7 +46,7 @@ from rich.table import Table
 import kecompress
 from kecompress import data as datasets
 from kecompress.bench import machine_description
-from kecompress.evolve import Evolution, TrainingConfig, accuracy, evaluate
+from kecompress.evolution import Evolution, TrainingConfig, accuracy, evaluate
 from kecompress.files import atomic_path, save_json
 from kecompress.models import build_model
 from kecompress.split import check_rate

@@ -63,7 +63,7 @@ def build_setup(options: dict) -> dict:
     from torch.utils.data import Subset
 
     from kecompress.data import demo_datasets, input_shape, make_loaders
-    from kecompress.evolve import TrainingConfig
+    from kecompress.evolution import TrainingConfig
     from kecompress.models import build_model
 
     torch.set_num_threads(options["threads"])
@@ -107,7 +107,7 @@ def plain_epoch(model, loader, optimizer, schedule, loss_fn) -> None:
 
 def make_evolution(setup: dict, model, reporter, the_split=None):
     import kecompress
-    from kecompress.evolve import Evolution
+    from kecompress.evolution import Evolution
 
     if the_split is None:
         the_split = kecompress.split(model, "kels", setup["rate"], example_inputs=setup["example_inputs"],
@@ -134,7 +134,7 @@ def evolve_epoch(evolution, reporter, epoch: int, optimizer, schedule) -> float:
 # -- 1 and 2: epoch times, reset, in this process ----------------------------------------------
 def measure_times(options: dict) -> dict:
     import kecompress
-    from kecompress.evolve import CHECKPOINT, make_optimizer
+    from kecompress.evolution import CHECKPOINT, make_optimizer
     from kecompress.files import save_torch
 
     setup = build_setup(options)
@@ -292,7 +292,7 @@ def memory_child(side: str, options: dict) -> dict:
 
     import kecompress
     import kecompress.report  # noqa: F401  (rich)
-    from kecompress.evolve import make_optimizer
+    from kecompress.evolution import make_optimizer
 
     imported_kib = _max_rss_kib()
     setup = build_setup(options)

@@ -10,7 +10,7 @@ The pieces, each usable from your own code:
 """
 
 from .errors import KecompressError
-from .evolve import Evolution, TrainingConfig, evolve
+from .evolution import Evolution, TrainingConfig, evolve
 from .reset import reset_
 from .slim import slice_fit
 from .split import Split, split

@@ -27,7 +27,7 @@ from .bench import latency_table, measure_latency
 from .charts import metric_name, plot_generations
 from .export import export_pair, export_table
 from .files import remove_stale_temporaries
-from .evolve import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig
+from .evolution import FIT_BATCHNORM, Evolution, RunInterrupted, TrainingConfig
 from .models import output_features, resolve_model
 from .acceleration import PRECISIONS, MixedPrecision, check_channels_last, check_compile
 from .report import RichReporter, generations_table

@@ -15,7 +15,7 @@ class RichReporter:
     dense and fit metrics after every generation. Use it as a context manager.
 
     Example:
-        >>> from kecompress.evolve import Evolution
+        >>> from kecompress.evolution import Evolution
         >>> # with RichReporter(generations=5, metric_name="accuracy") as reporter:
         >>> #     Evolution(model, split, train, val, config, reporter=reporter).run()
     """

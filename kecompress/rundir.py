@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import KecompressError
-from .evolve import METRICS
+from .evolution import METRICS
 from .files import atomic_path, save_json, save_torch
 from .models import build_model, load_model_file
 from .slim import slice_fit

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
 from kecompress.cli import main
-from kecompress.evolve import RunInterrupted
+from kecompress.evolution import RunInterrupted
 from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 

@@ -21,7 +21,7 @@ import kecompress
 from kecompress import Evolution, KecompressError, distributed, rundir
 from kecompress.cli import main
 from kecompress.data import demo_datasets
-from kecompress.evolve import accuracy, evaluate
+from kecompress.evolution import accuracy, evaluate
 
 # Run under torchrun on every rank: saves the bare model's state_dict after every reset and every
 # generation, and at a chosen optimizer step either SIGKILLs rank 1 or presses Ctrl-C the way a
@@ -29,9 +29,8 @@ from kecompress.evolve import accuracy, evaluate
 SPY = r"""
 import os, signal, sys
 import torch
-import kecompress.evolve
+import kecompress.evolution as loop
 from kecompress.cli import main
-loop = sys.modules["kecompress.evolve"]  # the module; kecompress.evolve is also the function
 torch.set_num_threads(1)
 dumps, action, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank = int(os.environ["RANK"])

@@ -21,9 +21,9 @@ from kecompress.cli import main
 KILLER = r"""
 import os, signal, sys
 import torch
+import kecompress.evolution as loop
 import kecompress.files
 from kecompress.cli import main
-loop = sys.modules["kecompress.evolve"]  # the module; kecompress.evolve is also the function
 torch.set_num_threads(1)  # as in the test process: float sums depend on the thread count
 where, count = sys.argv[1], int(sys.argv[2])
 calls = {"n": 0}

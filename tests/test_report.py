@@ -9,7 +9,7 @@ import kecompress
 from kecompress.charts import metric_name, plot_generations
 from kecompress.cli import main
 from kecompress.errors import KecompressError
-from kecompress.evolve import Evolution, TrainingConfig
+from kecompress.evolution import Evolution, TrainingConfig
 
 
 def run(capsys, *argv):

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
-from kecompress.evolve import RunInterrupted, accuracy, evaluate
+from kecompress.evolution import RunInterrupted, accuracy, evaluate
 from kecompress.prune import fit_hypothesis
 
 
