@@ -46,7 +46,7 @@ from rich.table import Table
 import kecompress
 from kecompress import data as datasets
 from kecompress.bench import machine_description
-from kecompress.evolution import Evolution, TrainingConfig, accuracy, evaluate
+from kecompress.evolution import Evolution, Reporter, TrainingConfig, accuracy, evaluate
 from kecompress.files import atomic_path, save_json
 from kecompress.models import build_model
 from kecompress.split import check_rate
@@ -119,7 +119,7 @@ def prediction_agreement(dense: nn.Module, fit: nn.Module, loader, device) -> fl
     return same / total
 
 
-class GenerationProbe:
+class GenerationProbe(Reporter):
     """Prints a line per finished generation (worker processes share the terminal) and measures
     more of the fit after each generation:
 
@@ -134,15 +134,6 @@ class GenerationProbe:
         self.name = name
         self.evolution: Evolution | None = None
         self.measured: list[dict] = []
-
-    def generation_started(self, generation, epochs, steps_per_epoch):
-        pass
-
-    def epoch_started(self, generation, epoch):
-        pass
-
-    def step_done(self, loss, samples):
-        pass
 
     def generation_done(self, record):
         evolution = self.evolution

@@ -91,12 +91,29 @@ class RunInterrupted(Exception):
 
 
 class Reporter(Protocol):
-    """What the loop tells about its progress; the command line shows it with rich."""
+    """What the loop tells about its progress; the command line shows it with rich.
 
-    def generation_started(self, generation: int, epochs: int, steps_per_epoch: int) -> None: ...
-    def epoch_started(self, generation: int, epoch: int) -> None: ...
-    def step_done(self, loss: float, samples: int) -> None: ...
-    def generation_done(self, record: dict) -> None: ...
+    Any object with these four methods will do. Subclass it to write only the events you need:
+    the others do nothing.
+
+    Example:
+        >>> class LastRecord(Reporter):
+        ...     def generation_done(self, record):
+        ...         self.record = record
+        >>> LastRecord().step_done(loss=0.5, samples=32)  # not overridden: does nothing
+    """
+
+    def generation_started(self, generation: int, epochs: int, steps_per_epoch: int) -> None:
+        """A generation of ``epochs`` epochs of ``steps_per_epoch`` steps starts."""
+
+    def epoch_started(self, generation: int, epoch: int) -> None:
+        """An epoch (counted from 0) of ``generation`` starts."""
+
+    def step_done(self, loss: float, samples: int) -> None:
+        """One optimizer step is done: its mean loss over ``samples`` images (every rank's)."""
+
+    def generation_done(self, record: dict) -> None:
+        """A generation is done and evaluated: ``record`` is its line of ``metrics.json``."""
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:

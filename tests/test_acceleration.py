@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
 from kecompress.cli import main
-from kecompress.evolution import RunInterrupted
+from kecompress.evolution import Reporter, RunInterrupted
 from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 
@@ -88,20 +88,11 @@ def test_without_a_scaler_an_overflow_is_divergence(precision):
         run.run()
 
 
-class CtrlC:
+class CtrlC(Reporter):
     """Presses Ctrl-C (a real SIGINT) at the given training step."""
 
     def __init__(self, at_step):
         self.at_step, self.steps = at_step, 0
-
-    def generation_started(self, *args):
-        pass
-
-    def epoch_started(self, *args):
-        pass
-
-    def generation_done(self, record):
-        pass
 
     def step_done(self, loss, samples):
         self.steps += 1

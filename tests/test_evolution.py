@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
-from kecompress.evolution import RunInterrupted, accuracy, evaluate
+from kecompress.evolution import Reporter, RunInterrupted, accuracy, evaluate
 from kecompress.prune import fit_hypothesis
 
 
@@ -29,7 +29,7 @@ def loaders(seed=0):
     return train, val
 
 
-class Snapshots:
+class Snapshots(Reporter):
     """A reporter that keeps the weights at the start and end of every generation."""
 
     def __init__(self, model, fail_at=None):
@@ -40,9 +40,6 @@ class Snapshots:
     def generation_started(self, generation, epochs, steps):
         self.generation = generation
         self.starts[generation] = {k: v.clone() for k, v in self.model.state_dict().items()}
-
-    def epoch_started(self, generation, epoch):
-        pass
 
     def step_done(self, loss, samples):
         self.steps += 1
