@@ -43,6 +43,8 @@ from pathlib import Path
 # (OMP_NUM_THREADS) before it imports torch.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
+from cpu_load import machine_busy_seconds, own_cpu_seconds  # noqa: E402 (benchmarks/, stdlib only)
+
 SEED = 0
 BASELINE = "1 process x 1 thread"
 
@@ -120,7 +122,7 @@ def worker(config: dict, rank: int, port: int, options: dict, commands, results)
     results.put({"ready": config["name"], "rank": rank})
     while (epoch := commands.get()) is not None:
         distributed.barrier()
-        cpu_before, started = _own_cpu_seconds(), time.perf_counter()
+        cpu_before, started = own_cpu_seconds(), time.perf_counter()
         # _train_epoch is private: it is exactly the loop's epoch, without the per-generation
         # evaluation around it; calling it from a benchmark is deliberate.
         evolution._train_epoch(1, epoch, optimizer, schedule)
@@ -128,25 +130,9 @@ def worker(config: dict, rank: int, port: int, options: dict, commands, results)
             torch.cuda.synchronize(device)
         distributed.barrier()
         results.put({"name": config["name"], "rank": rank, "seconds": time.perf_counter() - started,
-                     "cpu_seconds": _own_cpu_seconds() - cpu_before,
+                     "cpu_seconds": own_cpu_seconds() - cpu_before,
                      "images": counter.images if counter else None})
     distributed.teardown()
-
-
-def _own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal, not guest (in user)
 
 
 def _free_port() -> int:
@@ -181,15 +167,15 @@ def measure(options: dict) -> dict:
             break
         shift = round_index % len(configs)
         for config in configs[shift:] + configs[:shift]:
-            busy_before, parent_before, wall_before = _machine_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+            busy_before, parent_before, wall_before = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
             for _, commands in workers[config["name"]]:
                 commands.put(round_index + 1)
             reports = [results.get(timeout=1800) for _ in range(config["processes"])]
             wall = time.perf_counter() - wall_before
             others = None
             if busy_before is not None:
-                ours = sum(report["cpu_seconds"] for report in reports) + _own_cpu_seconds() - parent_before
-                others = max(0.0, (_machine_busy_seconds() - busy_before - ours) / wall)
+                ours = sum(report["cpu_seconds"] for report in reports) + own_cpu_seconds() - parent_before
+                others = max(0.0, (machine_busy_seconds() - busy_before - ours) / wall)
             main_report = next(report for report in reports if report["images"] is not None)
             seconds = max(report["seconds"] for report in reports)
             rounds[config["name"]].append({"images_per_second": main_report["images"] / seconds,

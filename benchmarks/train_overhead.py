@@ -47,6 +47,8 @@ from pathlib import Path
 # network would hide the children's own peaks. Everything heavy is imported inside functions.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
+from cpu_load import machine_busy_seconds, own_cpu_seconds  # noqa: E402 (benchmarks/, stdlib only)
+
 TARGET_EPOCH_RATIO = 1.03
 TARGET_RESET_FRACTION = 0.01
 TARGET_MEMORY_RATIO = 1.10
@@ -269,17 +271,10 @@ def measure_times(options: dict) -> dict:
 
 def _cpu_seconds_of_others() -> float | None:
     """CPU seconds all other processes have used so far (Linux): the whole machine's busy time
-    from /proc/stat less this process's. Its growth over the timed rounds tells how much other
-    work shared the CPUs with the measurement, i.e. how noisy the epoch times are."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal, not guest (in user)
-    mine = os.times()
-    return busy - (mine.user + mine.system)
+    less this process's. Its growth over the timed rounds tells how much other work shared the
+    CPUs with the measurement, i.e. how noisy the epoch times are."""
+    busy = machine_busy_seconds()
+    return None if busy is None else busy - own_cpu_seconds()
 
 
 # -- 3: peak memory, each side in a fresh spawned child -----------------------------------------
