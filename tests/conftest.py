@@ -7,6 +7,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -43,3 +45,21 @@ def randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def small_cnn() -> nn.Module:
+    """A two-convolution BatchNorm CNN for 3x8x8 inputs and 3 classes: the training loop's tests."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+
+def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Training (36 images, shuffled from ``seed``) and validation (12) loaders for :func:`small_cnn`."""
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(48, 3, 8, 8, generator=gen)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0].mean(dim=(1, 2)) > 0.2).long()
+    train = DataLoader(TensorDataset(x[:36], y[:36]), batch_size=8, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(TensorDataset(x[36:], y[36:]), batch_size=8)
+    return train, val

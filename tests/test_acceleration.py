@@ -7,7 +7,6 @@ import signal
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import kecompress
 from kecompress import Evolution, KecompressError, TrainingConfig
@@ -16,20 +15,7 @@ from kecompress.evolution import Reporter, RunInterrupted
 from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 
-
-def small_cnn():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
-
-
-def loaders():
-    gen = torch.Generator().manual_seed(123)
-    x = torch.randn(48, 3, 8, 8, generator=gen)
-    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0].mean(dim=(1, 2)) > 0.2).long()
-    train = DataLoader(TensorDataset(x[:36], y[:36]), batch_size=8, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
-    return train, DataLoader(TensorDataset(x[36:], y[36:]), batch_size=8)
+from conftest import loaders, small_cnn
 
 
 def evolution(run_dir=None, reporter=None, **options):

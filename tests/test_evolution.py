@@ -12,21 +12,7 @@ from kecompress import Evolution, KecompressError, TrainingConfig
 from kecompress.evolution import Reporter, RunInterrupted, accuracy, evaluate
 from kecompress.prune import fit_hypothesis
 
-
-def small_cnn():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
-
-
-def loaders(seed=0):
-    gen = torch.Generator().manual_seed(123)
-    x = torch.randn(48, 3, 8, 8, generator=gen)
-    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0].mean(dim=(1, 2)) > 0.2).long()
-    train = DataLoader(TensorDataset(x[:36], y[:36]), batch_size=8, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
-    val = DataLoader(TensorDataset(x[36:], y[36:]), batch_size=8)
-    return train, val
+from conftest import loaders, small_cnn
 
 
 class Snapshots(Reporter):

@@ -71,19 +71,16 @@ def test_the_reset_channels_are_not_said_to_be_muted_when_their_scale_holds(benc
 
 
 def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
-         "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
-         "--out-dir", str(tmp_path / "docs")], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
+               "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
+               "--out-dir", str(tmp_path / "docs")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "30 in all" in report and "| 2 | 2 |" in report and "Reproduce: `python benchmarks/ke_accuracy.py" in report
     assert "## Verdict" in report and (tmp_path / "docs" / "results.png").stat().st_size > 10_000
     assert len(list((tmp_path / "work").glob("*-seed*-*.json"))) == 6
-    again = subprocess.run(  # a rerun with the same settings keeps every finished job
-        [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
-         "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
-         "--out-dir", str(tmp_path / "docs")], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # keeps every finished job
     assert again.returncode == 0 and again.stdout.count("kept from") == 6
 
 
