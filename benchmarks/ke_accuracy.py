@@ -351,7 +351,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, command: str) -> None:
-    kept = path.read_text().split(ANALYSIS, 1)[1] if path.exists() and ANALYSIS in path.read_text() else "\n"
+    before = path.read_text() if path.exists() else ""
+    kept = before.split(ANALYSIS, 1)[1] if ANALYSIS in before else "\n"
     machine = machine_description(settings["threads"])
     first = jobs["ke", args.seeds[0]]
     record = first["history"][0]
