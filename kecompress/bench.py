@@ -26,7 +26,8 @@ import torch_pruning as tp
 from rich.table import Table
 
 from .errors import KecompressError
-from .export import INPUT_NAME, eval_mode, example_input, export_onnx, onnx_session
+from .evaluation import eval_mode
+from .export import INPUT_NAME, example_input, export_onnx, onnx_session
 
 RUNTIMES = ("onnxruntime", "torch")
 # onnxruntime's idle intra-op threads keep spinning for tens of milliseconds after a run; with

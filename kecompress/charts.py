@@ -6,29 +6,10 @@ from pathlib import Path
 
 from .errors import KecompressError
 from .files import atomic_path
-
-# Keys of a generation record that are not "dense_<metric>" metrics.
-_NOT_METRICS = {"dense_loss", "dense_parameters"}
+from .records import GenerationRecord
 
 
-def metric_name(records: list[dict]) -> str:
-    """The metric a run recorded: ``"accuracy"`` for the CLI, whatever ``metric_name`` was given
-    to :class:`~kecompress.Evolution` otherwise.
-
-    Example:
-        >>> metric_name([{"generation": 1, "dense_accuracy": 0.5, "fit_accuracy": 0.2, "dense_loss": 1.0}])
-        'accuracy'
-    """
-    first = records[0]
-    names = sorted(key[len("dense_"):] for key in first
-                   if key.startswith("dense_") and key not in _NOT_METRICS and f"fit_{key[len('dense_'):]}" in first)
-    if not names or not all(f"dense_{names[0]}" in record and f"fit_{names[0]}" in record for record in records):
-        raise KecompressError("the metrics lack dense_<metric> and fit_<metric> values in some generation: "
-                              "they were not written by kecompress")
-    return names[0]
-
-
-def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str | None = None) -> Path:
+def plot_generations(runs: dict[str, list[GenerationRecord]], path: str | Path, title: str | None = None) -> Path:
     """Draw dense and fit metric (and the losses) against generation for one run or several.
 
     Solid lines for the dense network, dashed for the fit hypothesis, dotted for the training
@@ -38,7 +19,7 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     in percent. The PNG is written atomically.
 
     Args:
-        runs: a legend label -> that run's records (``metrics.json``'s ``"generations"``).
+        runs: a legend label -> that run's records (:func:`kecompress.rundir.read_metrics`).
         path: the PNG file to write.
         title: the chart's title.
 
@@ -47,8 +28,8 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
 
     Example:
         >>> import os, tempfile
-        >>> records = [{"generation": g, "dense_accuracy": 0.5 + g / 10, "fit_accuracy": g / 5,
-        ...             "dense_loss": 1 / g, "fit_loss": 2 / g} for g in (1, 2, 3)]
+        >>> records = [GenerationRecord(g, "accuracy", dense=0.5 + g / 10, fit=g / 5, dense_loss=1 / g,
+        ...                             fit_loss=2 / g) for g in (1, 2, 3)]
         >>> plot_generations({"demo": records}, os.path.join(tempfile.mkdtemp(), "g.png")).suffix
         '.png'
     """
@@ -56,13 +37,13 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metrics = {metric_name(records) for records in runs.values() if records}
+    metrics = {record.metric for records in runs.values() for record in records}
     if len(metrics) != 1:
         raise KecompressError(f"the runs record different metrics ({', '.join(sorted(metrics)) or 'none'}): "
                               "chart runs of the same metric together")
     metric = metrics.pop()
     scale, unit = (100, " (%)") if metric == "accuracy" else (1, "")
-    has_loss = any("dense_loss" in record for records in runs.values() for record in records)
+    has_loss = any(record.dense_loss is not None for records in runs.values() for record in records)
 
     figure = Figure(figsize=(11 if has_loss else 6, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
@@ -70,12 +51,13 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     several = len(runs) > 1
     as_level = several and any(len(records) > 1 for records in runs.values())
 
-    def draw(axis, records, key, style, marker, colour, label):
-        points = [(record["generation"], record[key]) for record in records if record.get(key) is not None]
+    def draw(axis, records, field, style, marker, colour, label):
+        points = [(record.generation, getattr(record, field)) for record in records
+                  if getattr(record, field) is not None]
         if not points:
             return
         generations, values = zip(*points)
-        values = [scale * value for value in values] if key.endswith(metric) else values
+        values = [scale * value for value in values] if field in ("dense", "fit") else values
         if as_level and len(records) == 1:
             axis.axhline(values[0], linestyle=style, color=colour, label=f"{label} (one generation)")
         else:
@@ -84,8 +66,7 @@ def plot_generations(runs: dict[str, list[dict]], path: str | Path, title: str |
     for index, (label, records) in enumerate(runs.items()):
         prefix = f"{label}: " if several else ""
         for series, (side, style, marker) in enumerate((("dense", "-", "o"), ("fit", "--", "s"))):
-            draw(axes[0], records, f"{side}_{metric}", style, marker, f"C{index if several else series}",
-                 f"{prefix}{side}")
+            draw(axes[0], records, side, style, marker, f"C{index if several else series}", f"{prefix}{side}")
         if has_loss:
             for series, (key, style) in enumerate((("dense_loss", "-"), ("fit_loss", "--"), ("train_loss", ":"))):
                 draw(axes[1], records, key, style, ".", f"C{index if several else series}",

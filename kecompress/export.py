@@ -12,7 +12,6 @@ deprecated; should it go, the dynamo exporter with opset 18 is the replacement.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch_pruning as tp
 from rich.table import Table
 
 from .errors import KecompressError
+from .evaluation import eval_mode
 from .files import atomic_path
 
 MIN_OPSET = 17
@@ -270,30 +270,6 @@ def _check_opset(opset) -> int:
         raise KecompressError(f"ONNX opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}: "
                               f"e.g. opset={MIN_OPSET}")
     return value
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Context manager: every submodule in eval mode inside, each back in its own mode after.
-
-    Unlike ``model.train(was_training)``, this restores mixed modes (a frozen BatchNorm in
-    eval inside a training model stays in eval).
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2).eval())
-        >>> with eval_mode(model):
-        ...     model.training
-        False
-        >>> model.training, model[1].training
-        (True, False)
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _as_arrays(output) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torchvision
 
 from .errors import KecompressError
+from .evaluation import eval_mode
 
 MODEL_FILE_SUFFIXES = (".pt", ".pth")
 
@@ -194,6 +195,17 @@ def _as_model(loaded, path: Path) -> nn.Module:
                           "save the model itself with torch.save(model)")
 
 
+def is_model_file(spec: str) -> bool:
+    """Whether a model argument names a file (an existing path, or ``.pt``/``.pth``) rather
+    than a torchvision architecture.
+
+    Example:
+        >>> is_model_file("resnet18"), is_model_file("net.pt")
+        (False, True)
+    """
+    return Path(spec).exists() or spec.endswith(MODEL_FILE_SUFFIXES)
+
+
 def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False) -> nn.Module:
     """A model from a command-line style spec: a model file, or a torchvision architecture name.
 
@@ -204,7 +216,7 @@ def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False) 
         >>> resolve_model("resnet18", num_classes=3).fc.out_features
         3
     """
-    if Path(spec).exists() or spec.endswith(MODEL_FILE_SUFFIXES):
+    if is_model_file(spec):
         return load_model_file(spec, trust_file=trust_file)
     if num_classes is None:
         raise KecompressError(f"building {spec!r} needs the number of classes: pass --num-classes "
@@ -229,18 +241,14 @@ def output_features(model: nn.Module, example_input: torch.Tensor) -> int:
         >>> output_features(build_model("resnet18", 7), torch.zeros(1, 3, 32, 32))
         7
     """
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             output = model(example_input[:1])
     except Exception as error:  # a shape or dtype mismatch surfaces as any of several types
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise KecompressError(f"the model cannot run on inputs of shape {tuple(example_input.shape[1:])} "
                               f"({reason}): pick an --image-size the architecture accepts, "
                               "e.g. 224") from error
-    finally:
-        model.train(was_training)
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise KecompressError(f"the model returns {kind}, not (batch, classes) scores: "

@@ -1,4 +1,4 @@
-"""Rich progress bars and per-generation tables for the evolve loop and `kecompress report`."""
+"""Rich progress bars (a callback of the evolve loop) and per-generation tables for `kecompress report`."""
 
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .callbacks import Callback
+from .records import GenerationRecord
 
-class RichReporter:
-    """Shows generation, epoch and batch progress (with loss and images/s) and a table row of
-    dense and fit metrics after every generation. Use it as a context manager.
+
+class RichProgress(Callback):
+    """A callback that shows generation, epoch and batch progress (with loss and images/s) and a
+    table row of dense and fit metrics after every generation. Use it as a context manager.
 
     Example:
-        >>> from kecompress.evolution import Evolution
-        >>> # with RichReporter(generations=5, metric_name="accuracy") as reporter:
-        >>> #     Evolution(model, split, train, val, config, reporter=reporter).run()
+        >>> # with RichProgress(generations=5) as progress:
+        >>> #     Evolution(model, split, train, val, config, callbacks=[progress]).run()
     """
 
-    def __init__(self, generations: int, metric_name: str = "accuracy", console: Console | None = None):
+    def __init__(self, generations: int, console: Console | None = None):
         self.console = console or Console()
-        self.metric_name = metric_name
         self.progress = Progress(
             TextColumn("{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
@@ -42,48 +43,48 @@ class RichReporter:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def generation_started(self, generation: int, epochs: int, steps_per_epoch: int) -> None:
+    def on_generation_start(self, loop, generation: int) -> None:
         self.progress.update(self._generation, completed=generation - 1, status=f"generation {generation}")
-        self.progress.reset(self._epoch, total=epochs, visible=True)
-        self.progress.reset(self._batch, total=steps_per_epoch, visible=True)
+        self.progress.reset(self._epoch, total=loop.config.epochs, visible=True)
+        self.progress.reset(self._batch, total=len(loop.train_loader), visible=True)
 
-    def epoch_started(self, generation: int, epoch: int) -> None:
+    def on_epoch_start(self, loop, generation: int, epoch: int) -> None:
         self.progress.update(self._epoch, completed=epoch)
         self.progress.reset(self._batch, status="")
         self._epoch_started, self._samples = time.perf_counter(), 0
 
-    def step_done(self, loss: float, samples: int) -> None:
+    def on_step_end(self, loop, loss: float, samples: int) -> None:
         self._samples += samples
         rate = self._samples / max(time.perf_counter() - self._epoch_started, 1e-9)
         self.progress.update(self._batch, advance=1, status=f"loss {loss:.4f}  {rate:,.0f} img/s")
 
-    def generation_done(self, record: dict) -> None:
-        self.progress.update(self._generation, completed=record["generation"])
+    def on_generation_end(self, loop, record: GenerationRecord) -> None:
+        self.progress.update(self._generation, completed=record.generation)
         self.progress.update(self._epoch, completed=self.progress.tasks[self._epoch].total)
-        table = _generation_table(self.metric_name, show_header=self._rows == 0)
-        table.add_row(*_generation_row(record, self.metric_name))
+        table = _generation_table(record.metric, show_header=self._rows == 0)
+        table.add_row(*_generation_row(record))
         self.console.print(table)
         self._rows += 1
 
 
-def generations_table(records: list[dict], metric_name: str = "accuracy", title: str | None = None) -> Group:
+def generations_table(records: list[GenerationRecord], title: str | None = None) -> Group:
     """A rich table of a run's generations: dense and fit metric and loss, training loss, time.
 
     The parameter counts, the same in every generation, go in the title (with ``title``).
 
     Example:
-        >>> record = {"generation": 1, "dense_accuracy": 0.9, "fit_accuracy": 0.5, "dense_loss": 0.3,
-        ...           "fit_loss": 1.2, "dense_parameters": 11_000_000, "fit_parameters": 2_800_000,
-        ...           "train_loss": 0.2, "seconds": 61.0}
+        >>> record = GenerationRecord(1, "accuracy", dense=0.9, fit=0.5, dense_loss=0.3, fit_loss=1.2,
+        ...                           dense_parameters=11_000_000, fit_parameters=2_800_000, train_loss=0.2,
+        ...                           seconds=61.0)
         >>> generations_table([record], title="demo").renderables[1].row_count
         1
     """
-    first = records[0] if records else {}
-    if title and first.get("dense_parameters") and first.get("fit_parameters"):
-        title += f" (dense {_millions(first['dense_parameters'])}, fit {_millions(first['fit_parameters'])} parameters)"
-    table = _generation_table(metric_name, show_header=True)
+    first = records[0]
+    if title and first.dense_parameters and first.fit_parameters:
+        title += f" (dense {_millions(first.dense_parameters)}, fit {_millions(first.fit_parameters)} parameters)"
+    table = _generation_table(first.metric, show_header=True)
     for record in records:
-        table.add_row(*_generation_row(record, metric_name))
+        table.add_row(*_generation_row(record))
     return Group(Text(title, style="bold"), table) if title else Group(table)
 
 
@@ -95,18 +96,15 @@ def _generation_table(metric_name: str, show_header: bool) -> Table:
     return table
 
 
-def _generation_row(record: dict, metric_name: str) -> list[str]:
-    def number(key: str, show) -> str:  # records written by other code may lack a column
-        return show(record[key]) if record.get(key) is not None else "-"
+def _generation_row(record: GenerationRecord) -> list[str]:
+    def number(value, show) -> str:  # records written by other code may lack a column
+        return show(value) if value is not None else "-"
 
-    return [str(record["generation"]), number(f"dense_{metric_name}", lambda v: _metric(v, metric_name)),
-            number(f"fit_{metric_name}", lambda v: _metric(v, metric_name)), number("dense_loss", "{:.4f}".format),
-            number("fit_loss", "{:.4f}".format), number("train_loss", "{:.4f}".format),
-            number("seconds", lambda v: f"{v:.0f} s")]
-
-
-def _metric(value: float, name: str) -> str:
-    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4f}"
+    metric = lambda value: f"{100 * value:.2f}%" if record.metric == "accuracy" else f"{value:.4f}"  # noqa: E731
+    loss = "{:.4f}".format
+    return [str(record.generation), number(record.dense, metric), number(record.fit, metric),
+            number(record.dense_loss, loss), number(record.fit_loss, loss), number(record.train_loss, loss),
+            number(record.seconds, lambda v: f"{v:.0f} s")]
 
 
 def _millions(count: int) -> str:

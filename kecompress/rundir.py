@@ -1,134 +1,271 @@
-"""The run directory of ``kecompress evolve``: what a run writes, and how it is read back.
+"""The run directory: every file a run writes, and how each is written and read back.
 
-    config.json     the run's configuration (model, split, data, hyper-parameters)
+    config.json     the run's configuration (:class:`~kecompress.config.RunConfig`)
     split.pt        the split's masks (plain tensors)
-    checkpoint.pt   model, optimizer, schedule, RNG, generation and epoch: ``--resume`` continues here
-    metrics.json    {"generations": [{"generation": 1, "dense_accuracy": ..., "fit_accuracy": ...}, ...]}
+    checkpoint.pt   model, optimizer, schedule, RNG, progress: a resumed run continues here
+    metrics.json    {"metric": "accuracy", "generations": [{"generation": 1, "dense_accuracy": ..., ...}, ...]}
     generations.png dense and fit accuracy and the losses against generation (``kecompress report``)
     dense.pt        the final dense model's state_dict (the architecture is in config.json)
     fit.pt          the final fit network (KELS): a recipe plus weights, rebuilt and re-sliced on load
-    source_model.pt a copy of the model file the run started from, when it started from a file
+    source_model.pt the whole model the run started from, when it is no torchvision architecture
+    onnx/           ``kecompress export``'s ONNX files
 
-Every file is written atomically, and nothing is read with code execution unless the user
-opted in for the model file the run started from.
+The command line and the Python API (:class:`~kecompress.Evolution` with ``run_dir``) write the
+same files, so either can report, export and resume the other's runs. Every file is written
+atomically, and nothing is read with code execution unless the user opted in for the model
+file the run started from.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .config import RunConfig, TrainingConfig
 from .errors import KecompressError
-from .evolution import METRICS
 from .files import atomic_path, save_json, save_torch
 from .models import build_model, load_model_file
+from .records import GenerationRecord, metric_of
 from .slim import slice_fit
 from .split import Split, split as make_split
 
-CONFIG, SPLIT, DENSE, FIT, SOURCE_MODEL = "config.json", "split.pt", "dense.pt", "fit.pt", "source_model.pt"
-CHART = "generations.png"
 FIT_FORMAT = "kecompress-fit/1"
 
 
-def read_config(run_dir: str | Path) -> dict:
-    """The configuration of the run in ``run_dir``.
+class RunDirectory:
+    """One run directory: the names of its files, and how each is written and read.
 
     Example:
-        >>> # read_config("runs/demo")["split"]
+        >>> RunDirectory("runs/demo").metrics_file.name
+        'metrics.json'
     """
-    path = Path(run_dir) / CONFIG
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KecompressError(f"{run_dir} is not a kecompress run directory (no {CONFIG}): "
-                              "pass the --out directory of a `kecompress evolve` run") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise KecompressError(f"{path} is damaged (not JSON): the run directory cannot be used") from None
+
+    CONFIG, SPLIT, CHECKPOINT, METRICS = "config.json", "split.pt", "checkpoint.pt", "metrics.json"
+    CHART, DENSE, FIT, SOURCE_MODEL, ONNX = "generations.png", "dense.pt", "fit.pt", "source_model.pt", "onnx"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config_file = property(lambda self: self.path / self.CONFIG)
+    split_file = property(lambda self: self.path / self.SPLIT)
+    checkpoint_file = property(lambda self: self.path / self.CHECKPOINT)
+    metrics_file = property(lambda self: self.path / self.METRICS)
+    chart_file = property(lambda self: self.path / self.CHART)
+    dense_file = property(lambda self: self.path / self.DENSE)
+    fit_file = property(lambda self: self.path / self.FIT)
+    source_model_file = property(lambda self: self.path / self.SOURCE_MODEL)
+    onnx_dir = property(lambda self: self.path / self.ONNX)
+
+    def is_run(self) -> bool:
+        """Whether a run was started here (its configuration is written)."""
+        return self.config_file.is_file()
+
+    # -- the start: configuration, split, the model it started from ---------------------------
+    def start(self, config: RunConfig, split: Split, source_model: str | Path | nn.Module | None = None) -> None:
+        """Create the directory and write the configuration, the split and, for a model that is
+        no torchvision architecture, the model it starts from (a file is copied, a module saved whole).
+
+        Example:
+            >>> # RunDirectory("runs/a").start(config, split, model)
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        if isinstance(source_model, nn.Module):
+            save_torch(source_model, self.source_model_file)
+        elif source_model is not None:
+            with atomic_path(self.source_model_file) as tmp:
+                shutil.copyfile(source_model, tmp)
+        save_torch(split.to_dict(), self.split_file)
+        save_json(config.to_json(), self.config_file)
+
+    def read_config(self) -> RunConfig:
+        """The run's configuration.
+
+        Example:
+            >>> # RunDirectory("runs/demo").read_config().split
+        """
+        try:
+            return RunConfig.from_json(json.loads(self.config_file.read_text()))
+        except FileNotFoundError:
+            raise KecompressError(f"{self.path} is not a kecompress run directory (no {self.CONFIG}): "
+                                  "pass the --out directory of a `kecompress evolve` run") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KecompressError):
+            raise KecompressError(f"{self.config_file} is damaged (not a run configuration): "
+                                  "the run directory cannot be used") from None
+
+    def read_split(self) -> Split:
+        """The split the run was made with."""
+        return Split.load(self.split_file)
+
+    def check_same_run(self, config: RunConfig) -> None:
+        """Refuse to continue this run with ``config`` unless it is the same run (one line naming
+        what differs). A directory the Python API of an earlier version wrote has no
+        ``config.json``: its checkpoint's settings are compared instead.
+
+        Example:
+            >>> # RunDirectory("runs/a").check_same_run(config)
+        """
+        if self.is_run():
+            saved = self.read_config()
+        elif self.checkpoint_file.is_file():
+            saved = self._config_in_checkpoint(config)
+        else:
+            return
+        config.check_same_run(saved, self.path)
+
+    def _config_in_checkpoint(self, config: RunConfig) -> RunConfig:
+        state = self.read_checkpoint()
+        split = state.get("split") or {}
+        training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
+        return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"),
+                       training=TrainingConfig(**training), world_size=state.get("world_size", 1))
+
+    # -- during the run: checkpoint and metrics ----------------------------------------------
+    def write_checkpoint(self, state: dict) -> None:
+        save_torch(state, self.checkpoint_file)
+
+    def read_checkpoint(self) -> dict | None:
+        """The last checkpoint (plain tensors and numbers, read with ``weights_only``), or None."""
+        if not self.checkpoint_file.exists():
+            return None
+        try:
+            return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise KecompressError(f"cannot resume from {self.checkpoint_file} ({error.__class__.__name__}): the "
+                                  "checkpoint is damaged or from another model; start a new run with another --out") \
+                from None
+
+    def write_metrics(self, records: list[GenerationRecord]) -> None:
+        metric = records[0].metric if records else None
+        save_json({"metric": metric, "generations": [record.to_json() for record in records]}, self.metrics_file)
+
+    def read_metrics(self) -> list[GenerationRecord]:
+        """The records of the generations the run has finished so far; works on any directory an
+        :class:`~kecompress.Evolution` wrote to, finished or not, of this version or earlier ones.
+
+        Example:
+            >>> # [record.fit for record in RunDirectory("runs/demo").read_metrics()]
+        """
+        if not self.path.is_dir():
+            raise KecompressError(f"run directory {self.path} does not exist: pass the --out directory of a "
+                                  "`kecompress evolve` run")
+        if not self.metrics_file.is_file():
+            what = "holds a run that has not finished a generation yet" if self.is_run() \
+                else "is not a kecompress run directory"
+            raise KecompressError(f"{self.path} {what} (no {self.METRICS}): pass the --out directory of a "
+                                  "`kecompress evolve` run, after its first generation")
+        try:
+            content = json.loads(self.metrics_file.read_text())
+            records = content["generations"]
+            if not records or not all(isinstance(record, dict) and "generation" in record for record in records):
+                raise ValueError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise KecompressError(f"{self.metrics_file} is damaged or not written by kecompress: "
+                                  "it needs {\"generations\": [{\"generation\": 1, ...}, ...]}") from None
+        metric = content.get("metric") or metric_of(records)
+        return [GenerationRecord.from_json(record, metric) for record in records]
+
+    def title(self) -> str | None:
+        """What the run trained, for titles; None when the model came from Python.
+
+        Example:
+            >>> RunDirectory("nowhere").title() is None
+            True
+        """
+        if not self.is_run():
+            return None
+        config = self.read_config()
+        if config.model is None:
+            return None
+        data = Path(config.data).name if config.data else "the digits demo"
+        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}, on {data}"
+
+    # -- the end: the final dense and fit networks -------------------------------------------
+    def save_final(self, model: nn.Module, fit: nn.Module | None, split: Split, config: RunConfig,
+                   input_shape) -> None:
+        """Write the final dense weights and, for KELS, the fit network's recipe and weights.
+
+        ``fit`` is the slim network that was measured (:func:`~kecompress.slim.fit_network`,
+        its BatchNorm statistics re-estimated or not); None for a WELS split, whose fit has no
+        slim form.
+
+        Example:
+            >>> # RunDirectory("runs/a").save_final(model, loop.fit, split, config, (3, 32, 32))
+        """
+        save_torch(model.state_dict(), self.dense_file)
+        if split.method == "kels":
+            save_fit(self.fit_file, fit, config, split, input_shape)
+
+    def build_dense(self, config: RunConfig, trust_file: bool = False) -> nn.Module:
+        """The dense architecture of the run, freshly initialised (weights are loaded separately).
+
+        Example:
+            >>> RunDirectory("runs/a").build_dense(RunConfig(model="resnet18", num_classes=10)).fc.out_features
+            10
+        """
+        if config.arch:
+            return build_model(config.arch, config.num_classes)
+        if not self.source_model_file.is_file():
+            raise KecompressError(f"{self.path} records no architecture and holds no {self.SOURCE_MODEL}: "
+                                  "it was written by a Python run of an earlier version; rebuild its model in Python")
+        return load_model_file(self.source_model_file, trust_file=trust_file)
+
+    def load(self, trust_file: bool = False) -> tuple[nn.Module, Split, RunConfig]:
+        """The final dense model of a finished run, its split and its configuration.
+
+        Example:
+            >>> # dense, split, config = RunDirectory("runs/demo").load()
+        """
+        config = self.read_config()
+        if not self.dense_file.is_file():
+            raise KecompressError(f"{self.path} holds no final model ({self.DENSE}): the run has not finished; "
+                                  f"finish it with `kecompress evolve ... --out {self.path} --resume`")
+        dense = self.build_dense(config, trust_file)
+        try:
+            dense.load_state_dict(torch.load(self.dense_file, map_location="cpu", weights_only=True))
+        except Exception as error:
+            raise KecompressError(f"cannot load {self.dense_file} ({error.__class__.__name__}): "
+                                  "the file is damaged or from another model") from None
+        split = self.read_split()
+        split.check_matches(dense)
+        return dense.eval(), split, config
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of the generations a run has finished so far (``metrics.json``).
-
-    Works on any directory an :class:`~kecompress.Evolution` wrote to, finished or not.
+def read_metrics(run_dir: str | Path) -> list[GenerationRecord]:
+    """The records of the generations the run in ``run_dir`` has finished so far.
 
     Example:
-        >>> # [record["fit_accuracy"] for record in read_metrics("runs/demo")]
+        >>> # [record.fit for record in read_metrics("runs/demo")]
     """
-    run_dir = Path(run_dir)
-    path = run_dir / METRICS
-    if not run_dir.is_dir():
-        raise KecompressError(f"run directory {run_dir} does not exist: pass the --out directory of a "
-                              "`kecompress evolve` run")
-    if not path.is_file():
-        what = "holds a run that has not finished a generation yet" if (run_dir / CONFIG).is_file() \
-            else "is not a kecompress run directory"
-        raise KecompressError(f"{run_dir} {what} (no {METRICS}): pass the --out directory of a "
-                              "`kecompress evolve` run, after its first generation")
-    try:
-        records = json.loads(path.read_text())["generations"]
-        if not records or not all(isinstance(record, dict) and "generation" in record for record in records):
-            raise ValueError
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise KecompressError(f"{path} is damaged or not written by kecompress: "
-                              "it needs {\"generations\": [{\"generation\": 1, ...}, ...]}") from None
-    return records
+    return RunDirectory(run_dir).read_metrics()
 
 
-def start_run(run_dir: Path, config: dict, split: Split, source_model: Path | None) -> None:
-    """Create ``run_dir`` and write the configuration, the split and the source model copy.
+def load_run(run_dir: str | Path, trust_file: bool = False) -> tuple[nn.Module, Split, RunConfig]:
+    """The final dense model of the finished run in ``run_dir``, its split and its configuration.
 
     Example:
-        >>> # start_run(Path("runs/a"), config, split, None)
+        >>> # dense, split, config = load_run("runs/demo")
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if source_model is not None:
-        with atomic_path(run_dir / SOURCE_MODEL) as tmp:
-            shutil.copyfile(source_model, tmp)
-    save_torch(split.to_dict(), run_dir / SPLIT)
-    save_json(config, run_dir / CONFIG)
+    return RunDirectory(run_dir).load(trust_file)
 
 
-def build_dense(config: dict, run_dir: Path | None = None, trust_file: bool = False) -> nn.Module:
-    """The dense architecture of a run, freshly initialised (weights are loaded separately).
-
-    Example:
-        >>> build_dense({"arch": "resnet18", "num_classes": 10}).fc.out_features
-        10
-    """
-    if config.get("arch"):
-        return build_model(config["arch"], config["num_classes"])
-    return load_model_file(Path(run_dir) / SOURCE_MODEL, trust_file=trust_file)
-
-
-def save_final(run_dir: Path, model: nn.Module, fit: nn.Module | None, split: Split, config: dict,
-               example_inputs) -> None:
-    """Write the final dense weights and, for KELS, the fit network's recipe and weights.
-
-    ``fit`` is the slim network to keep (``Evolution.fit_network()``, its BatchNorm statistics
-    re-estimated or not); None for a WELS split, whose fit has no slim form.
-
-    Example:
-        >>> # save_final(Path("runs/a"), model, evolution.fit_network(), split, config, example_inputs)
-    """
-    save_torch(model.state_dict(), run_dir / DENSE)
-    if split.method == "kels":
-        save_fit(run_dir / FIT, fit, config, split, tuple(example_inputs.shape[1:]))
-
-
-def save_fit(path: Path, fit: nn.Module, config: dict, split: Split, input_shape) -> None:
+def save_fit(path: Path, fit: nn.Module, config: RunConfig, split: Split, input_shape) -> None:
     """Save a slim fit network as a recipe (architecture, split, input shape) plus its weights.
 
     It reloads with :func:`load_fit` without running code from the file: the architecture is
     rebuilt and re-sliced, then the weights are loaded into it.
 
     Example:
-        >>> # save_fit(Path("fit.pt"), fit, {"arch": "resnet18", "num_classes": 10}, split, (3, 32, 32))
+        >>> # save_fit(Path("fit.pt"), fit, RunConfig(model="resnet18", num_classes=10), split, (3, 32, 32))
     """
-    recipe = {"format": FIT_FORMAT, "arch": config.get("arch"), "num_classes": config.get("num_classes"),
+    recipe = {"format": FIT_FORMAT, "arch": config.arch, "num_classes": config.num_classes,
               "method": split.method, "rate": split.rate, "seed": split.seed,
               "input_shape": list(input_shape), "state_dict": fit.state_dict()}
     save_torch(recipe, path)
@@ -167,25 +304,3 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
         raise KecompressError(f"the weights in {path} do not fit the rebuilt network: "
                               "the file does not belong to this architecture") from None
     return fit.eval()
-
-
-def load_run(run_dir: str | Path, trust_file: bool = False) -> tuple[nn.Module, Split, dict]:
-    """The final dense model of a finished run, its split and its configuration.
-
-    Example:
-        >>> # dense, split, config = load_run("runs/demo")
-    """
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if not (run_dir / DENSE).is_file():
-        raise KecompressError(f"{run_dir} holds no final model ({DENSE}): the run has not finished; "
-                              f"finish it with `kecompress evolve ... --out {run_dir} --resume`")
-    dense = build_dense(config, run_dir, trust_file)
-    try:
-        dense.load_state_dict(torch.load(run_dir / DENSE, map_location="cpu", weights_only=True))
-    except Exception as error:
-        raise KecompressError(f"cannot load {run_dir / DENSE} ({error.__class__.__name__}): "
-                              "the file is damaged or from another model") from None
-    split = Split.load(run_dir / SPLIT)
-    split.check_matches(dense)
-    return dense.eval(), split, config

@@ -1,12 +1,19 @@
-"""Cut the fit hypothesis of a KELS split out of a model: a real, smaller ``nn.Module``."""
+"""The fit hypothesis as a network of its own: cut out of a KELS split as a real, smaller
+``nn.Module`` (:func:`slice_fit`), or, measured and saved by a run, with BatchNorm statistics of
+its own (:func:`fit_network`)."""
 
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
+from torch.optim.swa_utils import update_bn
 
+from . import distributed
+from .config import FIT_BATCHNORM
 from .errors import KecompressError
+from .seeds import batchnorm_seed, rank_seed, seed_loader
 from .split import Split, kels_groups, trace_dependency_graph
 
 
@@ -55,3 +62,56 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
         if reset:
             graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
     return fit
+
+
+def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchnorm: str = "re-estimated",
+                seed: int = 0, device: torch.device | str = "cpu", example_inputs=None) -> nn.Module:
+    """The fit hypothesis of ``model`` as it is now, as a network of its own: what a run measures
+    after every generation and saves at its end.
+
+    KELS: the sliced slim network (:func:`slice_fit`). WELS: a copy of the dense network with the
+    reset weights zeroed (a sparse network has no slim form). With ``fit_batchnorm="re-estimated"``
+    its BatchNorm statistics are then recomputed on ``train_loader`` for the fit network alone
+    (the dense network gathered them with the reset channels feeding into the fit ones), from a
+    seed of the run's own, so the same weights always give the same network; the random state
+    and the loader's shuffle are left as they were. Under torchrun every rank must call it: the
+    statistics of the ranks' parts of the data are averaged. ``model`` is left untouched.
+
+    Example:
+        >>> import kecompress
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+        >>> fit_network(model, kecompress.split(model, "kels", 0.5), data)[1].num_features
+        8
+    """
+    if fit_batchnorm not in FIT_BATCHNORM:
+        raise KecompressError(f"fit_batchnorm must be one of {', '.join(FIT_BATCHNORM)}, got {fit_batchnorm!r}")
+    device = torch.device(device)
+    if split.method == "kels":
+        fit = slice_fit(model, split, example_inputs=None if example_inputs is None else example_inputs.to(device))
+    else:
+        fit = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, param in fit.named_parameters():
+                if name in split.masks:
+                    param.mul_(split.masks[name].to(param.device, param.dtype))
+    if fit_batchnorm == "re-estimated":
+        if train_loader is None:
+            raise KecompressError("re-estimating the fit network's BatchNorm statistics needs the training data: "
+                                  "pass train_loader, or fit_batchnorm=\"inherited\"")
+        _reestimate_batchnorm(fit, train_loader, seed, device)
+    return fit
+
+
+def _reestimate_batchnorm(fit: nn.Module, train_loader, seed: int, device: torch.device) -> None:
+    generator = getattr(train_loader, "generator", None)
+    order = generator.get_state() if generator is not None else None
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        seed_loader(train_loader, rank_seed(batchnorm_seed(seed), distributed.rank()))
+        update_bn(train_loader, fit, device=device)
+    if generator is not None:
+        generator.set_state(order)
+    # Under torchrun each rank saw its part of the training data: average the statistics, so
+    # that every rank holds the same fit network (equal parts weigh equally).
+    distributed.average_over_ranks([buffer for buffer in fit.buffers() if buffer.is_floating_point()])

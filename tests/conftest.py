@@ -4,6 +4,8 @@ import os
 # cores, and small tensors gain little from a second thread anyway.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -63,3 +65,13 @@ def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
                        generator=torch.Generator().manual_seed(seed))
     val = DataLoader(TensorDataset(x[36:], y[36:]), batch_size=8)
     return train, val
+
+
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT handled as in a terminal (Python's KeyboardInterrupt), whatever the shell that started
+    the tests did (one that ignores SIGINT, for a job started with ``&`` from a script); the
+    handler that was there is put back after the test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

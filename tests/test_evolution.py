@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -8,32 +9,38 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kecompress
-from kecompress import Evolution, KecompressError, TrainingConfig
-from kecompress.evolution import Reporter, RunInterrupted, accuracy, evaluate
+from kecompress import Callback, Evolution, GenerationRecord, KecompressError, TrainingConfig
+from kecompress.evaluation import accuracy, evaluate
+from kecompress.interrupt import RunInterrupted
 from kecompress.prune import fit_hypothesis
 
 from conftest import loaders, small_cnn
 
 
-class Snapshots(Reporter):
-    """A reporter that keeps the weights at the start and end of every generation."""
+def strip(history):
+    """The records without their wall time, which differs from run to run."""
+    return [dataclasses.replace(record, seconds=None) for record in history]
+
+
+class Snapshots(Callback):
+    """A callback that keeps the weights at the start and end of every generation."""
 
     def __init__(self, model, fail_at=None):
         self.model, self.fail_at = model, fail_at
         self.starts, self.ends, self.steps = {}, {}, 0
         self.generation = 0
 
-    def generation_started(self, generation, epochs, steps):
+    def on_generation_start(self, loop, generation):
         self.generation = generation
         self.starts[generation] = {k: v.clone() for k, v in self.model.state_dict().items()}
 
-    def step_done(self, loss, samples):
+    def on_step_end(self, loop, loss, samples):
         self.steps += 1
         if self.fail_at is not None and self.steps == self.fail_at:
             raise KeyboardInterrupt  # the run dies mid-epoch
 
-    def generation_done(self, record):
-        self.ends[record["generation"]] = {k: v.clone() for k, v in self.model.state_dict().items()}
+    def on_generation_end(self, loop, record):
+        self.ends[record.generation] = {k: v.clone() for k, v in self.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("method", ["kels", "wels"])
@@ -45,8 +52,8 @@ def test_every_generation_keeps_the_fit_and_redraws_the_reset(method):
     train, val = loaders()
     spy = Snapshots(model)
     history = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=1, lr=0.05),
-                        reporter=spy).run()
-    assert [r["generation"] for r in history] == [1, 2, 3]
+                        callbacks=[spy]).run()
+    assert [r.generation for r in history] == [1, 2, 3]
     for generation in (2, 3):
         before, after = spy.ends[generation - 1], spy.starts[generation]
         for name, mask in masks.items():
@@ -58,8 +65,8 @@ def test_every_generation_keeps_the_fit_and_redraws_the_reset(method):
                 assert not torch.equal(after[name][~mask], before[name][~mask])
     assert all(torch.equal(s.masks[k], masks[k]) for k in masks)  # the mask never changes
     for record in history:
-        assert 0 <= record["dense_accuracy"] <= 1 and 0 <= record["fit_accuracy"] <= 1
-        assert record["fit_parameters"] < record["dense_parameters"]
+        assert 0 <= record.dense <= 1 and 0 <= record.fit <= 1
+        assert record.fit_parameters < record.dense_parameters
 
 
 def test_kels_fit_is_measured_on_the_sliced_network_as_cut_out():
@@ -70,9 +77,9 @@ def test_kels_fit_is_measured_on_the_sliced_network_as_cut_out():
     record = Evolution(model, s, train, val, TrainingConfig(generations=1, epochs=1),
                        fit_batchnorm="inherited").run()[0]
     fit = kecompress.slice_fit(model, s, example_inputs=torch.randn(1, 3, 8, 8))
-    assert record["fit_parameters"] == sum(p.numel() for p in fit.parameters()) == s.fit_count()
+    assert record.fit_parameters == sum(p.numel() for p in fit.parameters()) == s.fit_count()
     loss, acc = evaluate(fit, val, nn.CrossEntropyLoss(), accuracy)
-    assert record["fit_accuracy"] == acc and record["fit_loss"] == pytest.approx(loss)
+    assert record.fit == acc and record.fit_loss == pytest.approx(loss)
 
 
 def test_the_fit_networks_batchnorm_statistics_are_re_estimated_for_it_alone():
@@ -97,7 +104,8 @@ def test_the_fit_networks_batchnorm_statistics_are_re_estimated_for_it_alone():
     again = evolution.fit_network()  # from the run's own seed: the same network every time
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in fit.state_dict().items())
     loss, acc = evaluate(fit, val, nn.CrossEntropyLoss(), accuracy)
-    assert record["fit_accuracy"] == acc and record["fit_loss"] == pytest.approx(loss)
+    assert record.fit == acc and record.fit_loss == pytest.approx(loss)
+    assert all(torch.equal(v, evolution.fit.state_dict()[k]) for k, v in fit.state_dict().items())  # as measured
 
 
 def test_a_wels_fit_network_is_the_dense_one_with_the_reset_weights_zeroed():
@@ -112,7 +120,7 @@ def test_a_wels_fit_network_is_the_dense_one_with_the_reset_weights_zeroed():
         expected = model.state_dict()[name] * s.masks[name] if name in s.masks else model.state_dict()[name]
         assert torch.equal(param, expected)
     with fit_hypothesis(model, s):  # the same network as through the prune API
-        assert record["fit_accuracy"] == evaluate(model, val, nn.CrossEntropyLoss(), accuracy)[1]
+        assert record.fit == evaluate(model, val, nn.CrossEntropyLoss(), accuracy)[1]
 
 
 def test_a_regression_loss_and_metric_work_through_the_api():
@@ -125,8 +133,8 @@ def test_a_regression_loss_and_metric_work_through_the_api():
     r2 = lambda out, tgt: 1 - ((out - tgt) ** 2).sum().item() / ((tgt - tgt.mean(0)) ** 2).sum().item()
     history = kecompress.evolve(model, s, data, data, TrainingConfig(generations=2, epochs=3, lr=0.01),
                                 loss_fn=nn.MSELoss(), metric_fn=r2, metric_name="r2")
-    assert {"dense_r2", "fit_r2", "dense_loss", "fit_loss"} <= set(history[-1])
-    assert history[-1]["dense_loss"] < history[0]["dense_loss"] * 2
+    assert {"dense_r2", "fit_r2", "dense_loss", "fit_loss"} <= set(history[-1].to_json())
+    assert history[-1].dense_loss < history[0].dense_loss * 2
 
 
 def test_a_target_ends_the_run_early():
@@ -155,7 +163,7 @@ def run_to_the_end(run_dir, fail_at=None, resume=False):
     s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
     evolution = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4),
-                          run_dir=run_dir, reporter=Snapshots(model, fail_at))
+                          run_dir=run_dir, callbacks=[Snapshots(model, fail_at)])
     if resume:
         evolution.resume()
     return model, evolution.run()
@@ -169,10 +177,9 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
             run_to_the_end(run_dir, fail_at=fail_at)
         model, history = run_to_the_end(run_dir, resume=True)
         assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
-        strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
         assert strip(history) == strip(reference_history)
         saved = json.loads((run_dir / "metrics.json").read_text())["generations"]
-        assert strip(saved) == strip(reference_history)
+        assert strip(GenerationRecord.from_json(record) for record in saved) == strip(reference_history)
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
@@ -181,7 +188,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
     s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
     other = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.5, seed=4), run_dir=tmp_path)
-    with pytest.raises(KecompressError, match="other settings.*lr"):
+    with pytest.raises(KecompressError, match="different run.*differs in lr"):
         other.resume()
 
 
@@ -199,7 +206,7 @@ class CtrlC(Snapshots):
         super().__init__(model, fail_at)
         self.presses = presses
 
-    def step_done(self, loss, samples):
+    def on_step_end(self, loop, loss, samples):
         self.steps += 1
         if self.steps == self.fail_at:
             for _ in range(self.presses):
@@ -211,7 +218,7 @@ class CtrlC(Snapshots):
 @pytest.mark.parametrize("presses, stops_with", [
     (1, pytest.raises(RunInterrupted, match="generation 2, epoch 1, step 3; a checkpoint was saved")),
     (2, pytest.raises(KeyboardInterrupt))])
-def test_ctrl_c_stops_and_the_resumed_run_matches(tmp_path, presses, stops_with):
+def test_ctrl_c_stops_and_the_resumed_run_matches(tmp_path, presses, stops_with, terminal_sigint):
     reference, reference_history = run_to_the_end(tmp_path / "a")
     torch.manual_seed(0)
     model = small_cnn()
@@ -219,13 +226,31 @@ def test_ctrl_c_stops_and_the_resumed_run_matches(tmp_path, presses, stops_with)
     train, val = loaders()
     config = TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4)
     with stops_with:
-        Evolution(model, s, train, val, config, run_dir=tmp_path / "b", reporter=CtrlC(model, 13, presses)).run()
+        Evolution(model, s, train, val, config, run_dir=tmp_path / "b", callbacks=[CtrlC(model, 13, presses)]).run()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
     assert list((tmp_path / "b").glob(".*.tmp")) == []  # nothing left half-written
     model, history = run_to_the_end(tmp_path / "b", resume=True)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(history) == strip(reference_history)
+
+
+@pytest.mark.parametrize("handler", [signal.SIG_IGN, lambda signum, frame: None])
+def test_a_run_gives_back_the_sigint_handler_it_found_and_keeps_ignoring_an_ignored_sigint(tmp_path, handler):
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        model = small_cnn()
+        s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+        train, val = loaders()
+        presses = CtrlC(model, fail_at=3)
+        history = Evolution(model, s, train, val, TrainingConfig(generations=2, epochs=1), run_dir=tmp_path,
+                            callbacks=[presses]).run()
+        if handler is signal.SIG_IGN:  # a job whose parent ignores Ctrl-C runs on, as Python itself would
+            assert len(history) == 2
+        assert signal.getsignal(signal.SIGINT) is handler
+    except RunInterrupted:  # any other handler: the run's own guard took the press
+        assert handler is not signal.SIG_IGN and signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_refuses_a_checkpoint_of_another_split(tmp_path):
@@ -234,7 +259,7 @@ def test_resume_refuses_a_checkpoint_of_another_split(tmp_path):
     s = kecompress.split(model, "kels", 0.25, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
     other = Evolution(model, s, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4), run_dir=tmp_path)
-    with pytest.raises(KecompressError, match="another split"):
+    with pytest.raises(KecompressError, match="different run.*differs in rate"):
         other.resume()
 
 
@@ -246,6 +271,6 @@ def test_the_first_generation_is_plain_training():
         data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
         the_split = kecompress.split(model, "kels", 0.5)
         history = Evolution(model, the_split, data, data, TrainingConfig(generations=generations, epochs=2)).run()
-        return {key: value for key, value in history[0].items() if key != "seconds"}
+        return strip(history)[0]
 
     assert first_generation(3) == first_generation(1)

@@ -1,0 +1,165 @@
+"""What a run is: its training hyper-parameters and the configuration that makes it one run.
+
+:class:`TrainingConfig` holds the hyper-parameters of every generation. :class:`RunConfig` holds
+everything that decides what a run computes (model, data, split, loss, training, processes): it
+is written to ``config.json`` by the command line and the Python API alike, and
+:meth:`RunConfig.check_same_run` is the one check that a resumed run is the run it continues.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import KecompressError
+from .models import is_model_file
+
+# What the fit network's BatchNorm layers use: statistics re-estimated for the fit network on the
+# training data, or those the dense network gathered (KE's definition of the fit, as cut out).
+FIT_BATCHNORM = ("re-estimated", "inherited")
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of every generation (each generation uses the same ones).
+
+    Example:
+        >>> TrainingConfig(generations=3, epochs=2).lr
+        0.1
+    """
+
+    generations: int = 5
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    seed: int = 0
+    target: float | None = None  # a fit-hypothesis metric at which the run stops early
+
+    def __post_init__(self):
+        for name in ("generations", "epochs"):
+            if int(getattr(self, name)) < 1:
+                raise KecompressError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise KecompressError(f"learning rate must be a positive number, got {self.lr}: e.g. --lr 0.1")
+        if self.weight_decay < 0:
+            raise KecompressError(f"weight decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise KecompressError(
+                f"warm-up epochs must be in [0, epochs), got {self.warmup_epochs} with {self.epochs} epochs")
+
+    def identity(self) -> dict:
+        """The settings that make two runs the same run: all but the early-stopping target.
+
+        Example:
+            >>> "target" in TrainingConfig().identity()
+            False
+        """
+        return {key: value for key, value in asdict(self).items() if key != "target"}
+
+
+@dataclass
+class RunConfig:
+    """The configuration of one run, as ``config.json`` holds it.
+
+    Fields a run made from Python cannot know (the data of the user's own loaders, say) are None.
+    Devices, precision, channels-last, compilation and the early-stopping target are not part
+    of it: they may change when a run is resumed.
+
+    Example:
+        >>> config = RunConfig(model="resnet18", num_classes=10, training=TrainingConfig(epochs=2))
+        >>> config.arch, RunConfig.from_json(config.to_json()) == config
+        ('resnet18', True)
+    """
+
+    model: str | None = None  # a torchvision architecture name or a model file; None: a model from Python
+    num_classes: int | None = None
+    classes: list[str] | None = None
+    split: str = "kels"
+    rate: float = 0.5
+    seed: int = 0  # of the split, the data order and the resets
+    data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
+    image_size: int | None = None
+    val_fraction: float | None = 0.2
+    batch_size: int | None = 32
+    label_smoothing: float | None = 0.1
+    fit_batchnorm: str = "re-estimated"
+    metric: str = "accuracy"
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    world_size: int = 1
+    trust_model_file: bool = False
+    loaders: str = "kecompress"  # "kecompress": data and loss built from this config; "python": the user's own
+
+    # Settings that may differ between a run and its resumed continuation.
+    _NOT_IDENTITY = ("trust_model_file",)
+    # Values of settings a run directory written before the setting existed had.
+    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress"}
+
+    @property
+    def arch(self) -> str | None:
+        """The torchvision architecture, or None when the model came from a file or from Python."""
+        return self.model if self.model and not is_model_file(self.model) else None
+
+    def to_json(self) -> dict:
+        """The ``config.json`` form (with ``arch`` beside ``model``, as earlier versions wrote)."""
+        values = asdict(self)
+        values["training"] = self.training.identity()
+        values["arch"] = self.arch
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> "RunConfig":
+        """Read ``config.json``; settings it lacks take the value runs had before they existed."""
+        known = {item.name for item in fields(cls)}
+        values = {**cls._LEGACY, **{key: value for key, value in values.items() if key in known}}
+        values["training"] = TrainingConfig(**values.get("training", {}))
+        return cls(**values)
+
+    def identity(self) -> dict:
+        """The settings that make two runs the same run.
+
+        Example:
+            >>> RunConfig(rate=0.5).identity() == RunConfig(rate=0.25).identity()
+            False
+        """
+        values = {key: value for key, value in asdict(self).items() if key not in self._NOT_IDENTITY}
+        values["training"] = self.training.identity()
+        return values
+
+    def check_same_run(self, saved: "RunConfig", where: str | Path) -> None:
+        """Refuse to continue the run saved in ``where`` with this configuration unless they are
+        the same run: one line naming what differs (the number of processes has its own).
+
+        Example:
+            >>> RunConfig(rate=0.5).check_same_run(RunConfig(rate=0.25), "runs/a")
+            Traceback (most recent call last):
+            ...
+            kecompress.errors.KecompressError: runs/a holds a different run (it differs in rate): resume with the same settings, or choose another --out
+        """
+        mine, theirs = self.identity(), saved.identity()
+        changed = [key for key in mine if mine[key] != theirs[key]]
+        if "training" in changed:
+            changed.remove("training")
+            changed += sorted(key for key in mine["training"] if mine["training"][key] != theirs["training"][key])
+        if changed == ["world_size"]:
+            was, now = saved.world_size, self.world_size
+            raise KecompressError(
+                f"{where} was trained by {processes(was)} and this run has {processes(now)}: the images of a "
+                "step (batch size x processes) and the steps of an epoch would change, a different run; resume "
+                + (f"with torchrun --nproc_per_node {was}" if was > 1 else "in one process (no torchrun)")
+                + " (processes of all machines together), or choose another --out")
+        if changed:
+            raise KecompressError(f"{where} holds a different run (it differs in {', '.join(changed)}): "
+                                  "resume with the same settings, or choose another --out")
+
+
+def processes(count: int) -> str:
+    """``"1 process"``, ``"2 processes"``.
+
+    Example:
+        >>> processes(2)
+        '2 processes'
+    """
+    return f"{count} process" + ("es" if count != 1 else "")

@@ -1,0 +1,128 @@
+"""The one set-up path: a run's model, data, split, loss and loop, built from its configuration.
+
+The command line's ``evolve`` and the benchmarks build every run through :func:`build`, so that
+what a configuration means is written once. Under torchrun every rank calls it: rank 0 alone
+reads and writes the run directory and sends the split to the others.
+
+Example:
+    >>> import kecompress
+    >>> from kecompress.config import RunConfig, TrainingConfig
+    >>> config = RunConfig(model="resnet18", rate=0.5, batch_size=64, training=TrainingConfig(generations=1, epochs=1))
+    >>> loop = build(config)
+    >>> loop.split.method, loop.run_config.num_classes
+    ('kels', 10)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from . import data as datasets
+from . import distributed
+from .acceleration import check_channels_last
+from .callbacks import Callback
+from .config import RunConfig
+from .errors import KecompressError
+from .evolution import Evolution
+from .files import remove_stale_temporaries
+from .models import output_features, resolve_model
+from .rundir import RunDirectory
+from .split import Split, split as make_split
+
+
+def load_data(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
+    """The training and validation data sets of ``config`` and the class names: its ImageFolder
+    (``data``), or the bundled digits demo.
+
+    Example:
+        >>> train, val, classes = load_data(RunConfig())
+        >>> len(classes)
+        10
+    """
+    return datasets.load_datasets(config.data, config.image_size, config.val_fraction, config.seed)
+
+
+def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None = None, *,
+          run_dir: str | Path | None = None, resume: bool = False, device: torch.device | str = "cpu",
+          precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
+          callbacks: Sequence[Callback] = ()) -> Evolution:
+    """The :class:`~kecompress.Evolution` of ``config`` on these data sets, ready to ``run()``.
+
+    The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
+    ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
+    from ``config.seed``; the split is drawn (or, resuming,
+    read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``. With
+    ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
+    the directory holds this run, then continues from its last checkpoint. The returned loop's
+    ``run_config`` is ``config`` completed (classes, image size, processes).
+
+    Example:
+        >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
+    """
+    run_dir = RunDirectory(run_dir) if run_dir is not None else None
+    with distributed.fail_together(KecompressError, OSError):  # what one rank finds ends every rank
+        if run_dir is not None and distributed.is_main():  # first: before the data set is read
+            check_run_dir(run_dir, resume)
+        train_set, val_set, classes = data or load_data(config)
+        example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
+        num_classes = config.num_classes or len(classes)  # a model for other classes is refused below
+        config = replace(config, num_classes=len(classes), classes=list(classes),
+                         image_size=example_inputs.shape[-1], world_size=distributed.world_size())
+        if resume and distributed.is_main():
+            run_dir.check_same_run(config)
+        torch.manual_seed(config.seed)
+        model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        outputs = output_features(model, example_inputs)
+        if outputs != len(classes):
+            raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
+                                  f"pass --num-classes {len(classes)} or a model built for this data")
+        if channels_last:
+            check_channels_last(model)
+
+    def split_on_main() -> Split:  # rank 0 owns the run directory; the other ranks get its split
+        if resume:
+            remove_stale_temporaries(run_dir.path)
+            return run_dir.read_split()
+        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed)
+        if run_dir is not None:
+            run_dir.start(config, new_split, None if config.arch else Path(config.model))
+        return new_split
+
+    the_split = distributed.run_on_main(split_on_main)
+    with distributed.fail_together(KecompressError):
+        the_split.check_matches(model)
+        train_loader, val_loader = datasets.make_loaders(
+            train_set, val_set, config.batch_size, config.seed, rank=distributed.rank(),
+            world_size=distributed.world_size())
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        device = torch.device(device)
+        loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
+                         device=device, example_inputs=example_inputs.to(device), run_dir=run_dir and run_dir.path,
+                         callbacks=callbacks, precision=precision, channels_last=channels_last,
+                         compile_model=compile_model, fit_batchnorm=config.fit_batchnorm, run_config=config)
+    if resume:
+        loop.resume()
+    return loop
+
+
+def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:
+    """Refuse a run directory that is a file, one that holds anything for a new run, and one
+    that holds no run to resume.
+
+    Example:
+        >>> check_run_dir(RunDirectory("runs/not-there-yet"), resume=False)
+    """
+    path = run_dir.path
+    if path.exists() and not path.is_dir():
+        raise KecompressError(f"--out {path} is a file: pass a directory path")
+    if resume:
+        if not run_dir.is_run():
+            raise KecompressError(f"nothing to resume in {path} (no kecompress run there): run without --resume")
+    elif path.is_dir() and any(path.iterdir()):
+        what = "holds a kecompress run" if run_dir.is_run() else "is not empty"
+        raise KecompressError(f"--out {path} {what}: pass --resume to continue it, or choose another --out")
