@@ -138,6 +138,9 @@ class RunConfig:
             ...
             kecompress.errors.KecompressError: runs/a holds a different run (it differs in rate): resume with the same settings, or choose another --out
         """
+        if saved.loaders == "python" and self.loaders != "python":
+            raise KecompressError(f"{where} was made from Python with data loaders of its own, which the command "
+                                  "line cannot rebuild: resume it from Python, with Evolution(..., run_dir=...).resume()")
         mine, theirs = self.identity(), saved.identity()
         changed = [key for key in mine if mine[key] != theirs[key]]
         if "training" in changed:

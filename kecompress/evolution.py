@@ -136,9 +136,10 @@ class Evolution:
         self.progress = Progress()
         self.optimizer = self.schedule = None  # each generation's, made when it starts
         self.fit: nn.Module | None = None  # the fit network of the last finished generation, as measured
-        self.step = TrainingStep(self.model, self.loss_fn, self.amp, self.device, channels_last, compile_model)
-        self.epochs = EpochLoop(self)
         self.ctrl_c = CtrlCGuard()
+        self.step = TrainingStep(self.model, self.loss_fn, self.amp, self.device, channels_last, compile_model,
+                                 self.ctrl_c)
+        self.epochs = EpochLoop(self)
 
     # -- extension points ---------------------------------------------------------------------
     def call(self, hook: str, *args) -> None:

@@ -22,7 +22,7 @@ from .acceleration import MixedPrecision
 from .config import TrainingConfig
 from .distributed import on_every_rank
 from .errors import KecompressError
-from .interrupt import RunInterrupted
+from .interrupt import CtrlCGuard, RunInterrupted
 from .progress import EpochProgress
 from .seeds import epoch_seed, rank_seed, seed_loader
 
@@ -70,8 +70,9 @@ class TrainingStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, amp: MixedPrecision, device: torch.device | str = "cpu",
-                 channels_last: bool = False, compile_model: bool = False):
+                 channels_last: bool = False, compile_model: bool = False, ctrl_c: CtrlCGuard | None = None):
         self.model, self.loss_fn, self.amp = model, loss_fn, amp
+        self.ctrl_c = ctrl_c or CtrlCGuard()
         self.device = torch.device(device)
         self.channels_last, self.compile_model = channels_last, compile_model
         self._network = None
@@ -87,10 +88,9 @@ class TrainingStep:
             self._network = torch.compile(network) if self.compile_model else network
         return self._network
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule,
-                 stop_requested: bool = False) -> tuple[float, float, float]:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule) -> tuple[float, float, float]:
         """Train on one batch; return the loss summed over its images, the images and whether a
-        stop was requested, each summed over the ranks."""
+        stop was requested (``ctrl_c``, during the step included), each summed over the ranks."""
         inputs, targets = self._to_device(inputs), targets.to(self.device)
         with self.amp.autocast():
             loss = self.loss_fn(self.network(inputs), targets)
@@ -98,7 +98,7 @@ class TrainingStep:
         self.amp.backward_and_step(loss, optimizer)
         self.amp.step_schedule(schedule)
         loss_sum, samples, stop = distributed.all_sum(
-            [loss.detach().double() * len(inputs), len(inputs), stop_requested], self.device)
+            [loss.detach().double() * len(inputs), len(inputs), self.ctrl_c.stop_requested], self.device)
         return loss_sum, samples, stop
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -141,8 +141,7 @@ class EpochLoop:
                 if step + 1 == progress.steps:
                     torch.set_rng_state(resumed.rng)
                 continue
-            loss_sum, samples, stop = loop.step(inputs, targets, loop.optimizer, loop.schedule,
-                                                loop.ctrl_c.stop_requested)
+            loss_sum, samples, stop = loop.step(inputs, targets, loop.optimizer, loop.schedule)
             if math.isfinite(loss_sum):
                 progress.add(loss_sum, int(samples))
             elif loop.amp.scaler is None:  # (with one, fp16's scaler skipped this step and lowered its scale)

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 torch.set_num_threads(1)
 
+collect_ignore = ["data"]  # run directories of earlier versions and the scripts that made them
+
 # The architectures the toolkit promises to handle, and more torchvision ones beyond them.
 REQUIRED_ARCHS = ["resnet18", "resnet50", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
                   "efficientnet_b0", "vgg11_bn", "regnet_x_400mf"]
@@ -75,3 +77,10 @@ def terminal_sigint():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+def terminal_sigint_in_child() -> None:
+    """``preexec_fn`` for a child process that is Ctrl-C'd as from a terminal: SIGINT's default
+    action, which Python turns into KeyboardInterrupt, even when this shell ignores SIGINT
+    (ignored signals are inherited across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

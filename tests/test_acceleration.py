@@ -1,5 +1,6 @@
 """Mixed precision, channels-last and torch.compile: every path that runs on a CPU, run on one."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,22 +10,22 @@ import torch
 import torch.nn as nn
 
 import kecompress
-from kecompress import Evolution, KecompressError, TrainingConfig
+from kecompress import Callback, Evolution, KecompressError, TrainingConfig
 from kecompress.cli import main
-from kecompress.evolution import Reporter, RunInterrupted
+from kecompress.interrupt import RunInterrupted
 from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 
 from conftest import loaders, small_cnn
 
 
-def evolution(run_dir=None, reporter=None, **options):
+def evolution(run_dir=None, callbacks=(), **options):
     torch.manual_seed(0)
     model = small_cnn()
     split = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
     train, val = loaders()
     return Evolution(model, split, train, val, TrainingConfig(generations=2, epochs=2, lr=0.05, seed=4),
-                     run_dir=run_dir, reporter=reporter, **options)
+                     run_dir=run_dir, callbacks=callbacks, **options)
 
 
 class ConvOutputs:
@@ -44,7 +45,7 @@ def test_mixed_precision_trains_and_evaluates_under_autocast_with_float32_weight
     history = run.run()
     assert spy.dtypes == {(True, dtype), (False, dtype)}
     assert all(param.dtype == torch.float32 for param in run.model.parameters())
-    assert all(0 <= record["dense_accuracy"] <= 1 and record["train_loss"] > 0 for record in history)
+    assert all(0 <= record.dense <= 1 and record.train_loss > 0 for record in history)
 
 
 def overflowing_loss(at_step):
@@ -58,8 +59,7 @@ def overflowing_loss(at_step):
 
 
 def test_fp16_skips_a_step_whose_loss_overflowed():
-    run = evolution(precision="fp16")
-    run.loss_fn = overflowing_loss(at_step=3)
+    run = evolution(precision="fp16", loss_fn=overflowing_loss(at_step=3))
     history = run.run()  # no error: the scaler skipped the step and lowered its scale
     assert run.amp.scaler.get_scale() < 65536.0
     assert all(torch.isfinite(param).all() for param in run.model.parameters())
@@ -68,33 +68,32 @@ def test_fp16_skips_a_step_whose_loss_overflowed():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_without_a_scaler_an_overflow_is_divergence(precision):
-    run = evolution(precision=precision)
-    run.loss_fn = overflowing_loss(at_step=3)
+    run = evolution(precision=precision, loss_fn=overflowing_loss(at_step=3))
     with pytest.raises(KecompressError, match="generation 1, epoch 1, step 3.*lower the learning rate"):
         run.run()
 
 
-class CtrlC(Reporter):
+class CtrlC(Callback):
     """Presses Ctrl-C (a real SIGINT) at the given training step."""
 
     def __init__(self, at_step):
         self.at_step, self.steps = at_step, 0
 
-    def step_done(self, loss, samples):
+    def on_step_end(self, loop, loss, samples):
         self.steps += 1
         if self.steps == self.at_step:
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_fp16_checkpoints_its_scaler_and_a_resumed_run_matches(tmp_path):
+def test_fp16_checkpoints_its_scaler_and_a_resumed_run_matches(tmp_path, terminal_sigint):
     reference = evolution(precision="fp16")
     reference_history = reference.run()
     with pytest.raises(RunInterrupted):
-        evolution(tmp_path, reporter=CtrlC(at_step=13), precision="fp16").run()
+        evolution(tmp_path, callbacks=[CtrlC(at_step=13)], precision="fp16").run()
     assert "scale" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
     resumed = evolution(tmp_path, precision="fp16").resume()
     history = resumed.run()
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    strip = lambda h: [dataclasses.replace(record, seconds=None) for record in h]  # noqa: E731
     assert strip(history) == strip(reference_history)
     assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
     assert resumed.amp.scaler.get_scale() == reference.amp.scaler.get_scale()
@@ -104,7 +103,7 @@ def test_channels_last_trains_the_same_network_and_saves_the_usual_state_dict():
     plain, fast = evolution(), evolution(channels_last=True)
     assert fast.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     plain_history, fast_history = plain.run(), fast.run()
-    assert fast_history[-1]["dense_loss"] == pytest.approx(plain_history[-1]["dense_loss"], rel=1e-4)
+    assert fast_history[-1].dense_loss == pytest.approx(plain_history[-1].dense_loss, rel=1e-4)
     assert fast.model.state_dict().keys() == plain.model.state_dict().keys()
     for key, value in fast.model.state_dict().items():
         torch.testing.assert_close(value, plain.model.state_dict()[key], rtol=1e-4, atol=1e-5)

@@ -13,6 +13,8 @@ from PIL import Image
 
 from kecompress.cli import main
 
+from conftest import terminal_sigint_in_child
+
 FAST = ["--generations", "2", "--epochs", "1", "--batch-size", "64"]
 
 
@@ -107,7 +109,8 @@ def test_ctrl_c_stops_with_a_checkpoint_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "kecompress", "evolve", "mobilenet_v3_small", "--generations", "2",
             "--epochs", "3", "--out", str(out)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=terminal_sigint_in_child)
     deadline = time.time() + 120
     while not (out / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)

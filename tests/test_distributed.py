@@ -21,7 +21,9 @@ import kecompress
 from kecompress import Evolution, KecompressError, distributed, rundir
 from kecompress.cli import main
 from kecompress.data import demo_datasets
-from kecompress.evolution import accuracy, evaluate
+
+from conftest import terminal_sigint_in_child as terminal_sigint
+from kecompress.evaluation import accuracy, evaluate
 
 # Run under torchrun on every rank: saves the bare model's state_dict after every reset and every
 # generation, and at a chosen optimizer step either SIGKILLs rank 1 or presses Ctrl-C the way a
@@ -29,29 +31,27 @@ from kecompress.evolution import accuracy, evaluate
 SPY = r"""
 import os, signal, sys
 import torch
-import kecompress.evolution as loop
+import kecompress
+import kecompress.experiment as experiment
 from kecompress.cli import main
 torch.set_num_threads(1)
 dumps, action, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank = int(os.environ["RANK"])
 
-def save(model, name):
-    if dumps != "-":
-        torch.save(model.state_dict(), os.path.join(dumps, f"{name}-rank{rank}.pt"))
+class Spy(kecompress.Callback):
+    def save(self, model, name):
+        if dumps != "-":
+            torch.save(model.state_dict(), os.path.join(dumps, f"{name}-rank{rank}.pt"))
 
-resets = {"n": 0}
-def reset_then_save(model, split, seed=None, original=loop.reset_):
-    original(model, split, seed=seed)
-    resets["n"] += 1
-    save(model, f"reset{resets['n']}")
-    return model
-loop.reset_ = reset_then_save
+    def on_reset(self, loop, generation):
+        self.save(loop.model, f"reset{generation - 1}")
 
-def generation_then_save(self, generation, epochs_done, original=loop.Evolution._train_generation):
-    record = original(self, generation, epochs_done)
-    save(self.model, f"generation{generation}")
-    return record
-loop.Evolution._train_generation = generation_then_save
+    def on_generation_end(self, loop, record):
+        self.save(loop.model, f"generation{record.generation}")
+
+def build_with_spy(*args, callbacks=(), original=experiment.build, **kwargs):
+    return original(*args, callbacks=[*callbacks, Spy()], **kwargs)
+experiment.build = build_with_spy
 
 steps = {"n": 0}
 def step(self, *args, original=torch.optim.SGD.step, **kwargs):
@@ -96,7 +96,7 @@ def torchrun(root: Path, argv: list[str], dumps="-", action="none", count=0, nam
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--log-dir", str(logs), "--redirects", "3",
                str(root / "spy.py"), str(dumps), action, str(count), *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=terminal_sigint)
     outputs = {"torchrun": result.stderr}
     for rank in (0, 1):
         [folder] = logs.glob(f"*/attempt_0/{rank}")
@@ -143,7 +143,7 @@ def test_only_rank_0_prints_and_writes_files_in_the_usual_format(reference, work
     assert "2 processes (gloo)" in outputs[0]["stdout"] and "done: generation 3" in outputs[0]["stdout"]
     assert outputs[0]["stderr"] == ""
     dense, split, config = rundir.load_run(run_dir)  # the single-process loaders read it as it is
-    assert config["world_size"] == 2
+    assert config.world_size == 2
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["model"].keys() == dense.state_dict().keys()  # no "module." prefix
     assert checkpoint["world_size"] == 2
@@ -153,13 +153,13 @@ def test_sharded_metrics_equal_a_single_process_evaluation(reference):
     run_dir, _, _ = reference
     metrics, _, _ = outcome(run_dir)
     dense, split, config = rundir.load_run(run_dir)
-    fit = rundir.load_fit(run_dir / rundir.FIT, dense=rundir.build_dense(config, run_dir))
+    fit = rundir.load_fit(run_dir / "fit.pt", dense=rundir.RunDirectory(run_dir).build_dense(config))
     _, val_set, _ = demo_datasets(image_size=12, seed=3)
     val = torch.utils.data.DataLoader(val_set, batch_size=128)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     # The fit's BatchNorm statistics were re-estimated, each rank on its part of the training
     # data, then averaged: the saved fit network is the one that was measured.
-    assert config["fit_batchnorm"] == "re-estimated"
+    assert config.fit_batchnorm == "re-estimated"
     assert not torch.allclose(fit[1].running_mean, dense[1].running_mean[:8])
     for model, prefix in ((dense, "dense"), (fit, "fit")):
         loss, metric = evaluate(model, val, loss_fn, accuracy)

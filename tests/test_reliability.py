@@ -21,8 +21,8 @@ from kecompress.cli import main
 KILLER = r"""
 import os, signal, sys
 import torch
-import kecompress.evolution as loop
 import kecompress.files
+import kecompress.rundir
 from kecompress.cli import main
 torch.set_num_threads(1)  # as in the test process: float sums depend on the thread count
 where, count = sys.argv[1], int(sys.argv[2])
@@ -38,12 +38,12 @@ def kill_on_call(original, matches=lambda *a: True):
 if where == "step":          # mid-epoch: inside the optimizer step
     torch.optim.SGD.step = kill_on_call(torch.optim.SGD.step)
 elif where == "generation":  # between generations: right after metrics.json is written
-    original = loop.save_json
+    original = kecompress.rundir.save_json
     def save_then_die(obj, path):
         original(obj, path)
-        if len(obj["generations"]) == count:
+        if len(obj.get("generations", ())) == count:
             os.kill(os.getpid(), signal.SIGKILL)
-    loop.save_json = save_then_die
+    kecompress.rundir.save_json = save_then_die
 elif where == "checkpoint":  # during a checkpoint write: the temporary file is written, not renamed
     kecompress.files.os.replace = kill_on_call(os.replace, lambda src, dst: str(dst).endswith("checkpoint.pt"))
 sys.exit(main(sys.argv[3:]))

@@ -6,10 +6,11 @@ import torch.nn as nn
 from PIL import Image
 
 import kecompress
-from kecompress.charts import metric_name, plot_generations
+from kecompress import Evolution, GenerationRecord, TrainingConfig
+from kecompress.charts import plot_generations
 from kecompress.cli import main
 from kecompress.errors import KecompressError
-from kecompress.evolution import Evolution, TrainingConfig
+from kecompress.records import metric_of
 
 
 def run(capsys, *argv):
@@ -126,7 +127,8 @@ def test_report_keeps_a_users_file_at_the_default_path_of_several_runs(tmp_path,
 
 def test_a_chart_of_runs_with_different_metrics_is_refused(tmp_path):
     other = [{"generation": 1, "dense_neg_mse": -1.0, "fit_neg_mse": -2.0}]
-    assert metric_name(other) == "neg_mse"
+    assert metric_of(other) == "neg_mse"  # metrics.json of earlier versions named the metric only in its keys
+    as_records = lambda runs: [GenerationRecord.from_json(record) for record in runs]  # noqa: E731
     with pytest.raises(KecompressError, match="different metrics"):
-        plot_generations({"a": records([0.5], [0.1]), "b": other}, tmp_path / "c.png")
+        plot_generations({"a": as_records(records([0.5], [0.1])), "b": as_records(other)}, tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
