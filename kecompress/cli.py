@@ -25,7 +25,7 @@ from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
 from .errors import KecompressError
-from .export import MAX_OPSET, MIN_OPSET, export_pair, export_table
+from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
 from .report import RichProgress, generations_table
@@ -239,7 +239,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
     out = out or (RunDirectory(source).onnx_dir if RunDirectory(source).is_run() else Path(RunDirectory.ONNX))
     if out.exists() and not out.is_dir():
         raise KecompressError(f"--out {out} is a file: pass a directory path")
-    existing = [name for name in ("dense.onnx", "fit.onnx") if (out / name).exists()]
+    existing = [name for name in PAIR_FILES if (out / name).exists()]
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")

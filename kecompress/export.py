@@ -29,6 +29,7 @@ from .files import atomic_path
 
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript exporter implements
+PAIR_FILES = ("dense.onnx", "fit.onnx")  # what export_pair writes
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
@@ -201,8 +202,8 @@ def export_pair(dense: nn.Module, fit: nn.Module, out_dir: str | Path, input_sha
     sample = example_input(dense, input_shape, batch_size)
     sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))  # repeatable check
     rows = []
-    for name, model in (("dense", dense), ("fit", fit)):
-        path = export_onnx(model, out_dir / f"{name}.onnx", input_shape, batch_size, opset, dynamic_batch)
+    for (name, model), file_name in zip((("dense", dense), ("fit", fit)), PAIR_FILES):
+        path = export_onnx(model, out_dir / file_name, input_shape, batch_size, opset, dynamic_batch)
         difference, scale = _parity(model, path, sample)
         if difference > tolerance * scale:
             raise KecompressError(
