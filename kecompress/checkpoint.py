@@ -13,7 +13,6 @@ import torch
 
 from . import distributed
 from .callbacks import Callback
-from .errors import KecompressError
 from .progress import Progress
 from .rundir import RunDirectory
 
@@ -69,9 +68,7 @@ def _read_and_check(loop: "Evolution", run_dir: RunDirectory) -> dict | None:
     try:
         loop.model.load_state_dict(state["model"])
     except Exception as error:
-        raise KecompressError(f"cannot resume from {run_dir.checkpoint_file} ({error.__class__.__name__}): the "
-                              "checkpoint is damaged or from another model; start a new run with another --out") \
-            from None
+        raise run_dir.unusable_checkpoint(error) from None
     return state
 
 

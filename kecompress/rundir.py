@@ -138,9 +138,12 @@ class RunDirectory:
         try:
             return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise KecompressError(f"cannot resume from {self.checkpoint_file} ({error.__class__.__name__}): the "
-                                  "checkpoint is damaged or from another model; start a new run with another --out") \
-                from None
+            raise self.unusable_checkpoint(error) from None
+
+    def unusable_checkpoint(self, error: Exception) -> KecompressError:
+        """The error for a checkpoint that cannot be read, or loaded into the run's model."""
+        return KecompressError(f"cannot resume from {self.checkpoint_file} ({error.__class__.__name__}): the "
+                               "checkpoint is damaged or from another model; start a new run with another --out")
 
     def write_metrics(self, records: list[GenerationRecord]) -> None:
         metric = records[0].metric if records else None
