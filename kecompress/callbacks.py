@@ -15,7 +15,7 @@ from .errors import KecompressError
 
 if TYPE_CHECKING:  # for the annotations only: evolution.py imports this module
     from .evolution import Evolution
-    from .records import GenerationRecord
+    from .records import FinetuneRecord, GenerationRecord
 
 
 class Callback:
@@ -57,6 +57,10 @@ class Callback:
 
     def on_generation_end(self, loop: "Evolution", record: "GenerationRecord") -> None:
         """A generation is trained and evaluated: ``record`` holds its dense and fit metrics."""
+
+    def on_finetune_end(self, loop: "Evolution", record: "FinetuneRecord") -> None:
+        """The fit network's fine-tuning is done (``Evolution(..., finetune_fit=...)``): ``record``
+        holds its metric. Its epochs and steps come before, with ``generation`` one past the last."""
 
     def on_interrupt(self, loop: "Evolution") -> None:
         """The run stops after a Ctrl-C; ``loop.progress.epoch`` says how far into the epoch it got."""
@@ -110,6 +114,15 @@ class TensorBoard(Callback):
         for tag, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, record.generation)
+        self.writer.flush()
+
+    def on_finetune_end(self, loop: "Evolution", record: "FinetuneRecord") -> None:
+        """The fit network's fine-tuning is done (``Evolution(..., finetune_fit=...)``): ``record``
+        holds its metric. Its epochs and steps come before, with ``generation`` one past the last."""
+
+    def on_finetune_end(self, loop: "Evolution", record: "FinetuneRecord") -> None:
+        self.writer.add_scalar(f"finetune/fit_{record.metric}", record.fit, record.epochs)
+        self.writer.add_scalar("finetune/fit_loss", record.fit_loss, record.epochs)
         self.writer.flush()
 
     def on_interrupt(self, loop: "Evolution") -> None:

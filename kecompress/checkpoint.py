@@ -1,8 +1,8 @@
 """Checkpointing: what a run writes into its run directory while it runs, and how it resumes.
 
 :class:`Checkpointing` is the callback that writes ``checkpoint.pt`` after every epoch, at the
-end of every generation and on Ctrl-C, ``metrics.json`` after every generation, and the final
-networks and the chart at the end; :func:`restore` puts a checkpoint back into a loop.
+end of every generation (and of the fit's fine-tuning) and on Ctrl-C, ``metrics.json`` after
+every generation, and the final networks and the chart at the end; :func:`restore` puts a checkpoint back into a loop.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from . import distributed
 from .callbacks import Callback
 from .progress import Progress
 from .rundir import RunDirectory
+from .slim import slice_fit
 
 if TYPE_CHECKING:
     from .evolution import Evolution
-    from .records import GenerationRecord
+    from .records import FinetuneRecord, GenerationRecord
 
 
 def checkpoint_state(loop: "Evolution") -> dict:
@@ -30,7 +31,8 @@ def checkpoint_state(loop: "Evolution") -> dict:
     Example:
         >>> # checkpoint_state(loop)["generation"]
     """
-    return {**loop.progress.state_dict(), "model": loop.model.state_dict(),
+    fine_tuning = {"fit": loop.fit.state_dict()} if loop.progress.phase == "finetune" else {}
+    return {**loop.progress.state_dict(), **fine_tuning, "model": loop.model.state_dict(),
             "optimizer": loop.optimizer.state_dict(), "schedule": loop.schedule.state_dict(),
             "scaler": loop.amp.state_dict(), "rng": torch.get_rng_state(),
             "config": {**loop.config.identity(), "target": loop.config.target},
@@ -51,6 +53,9 @@ def restore(loop: "Evolution", run_dir: RunDirectory) -> bool:
         return False
     loop.model.load_state_dict(state["model"])
     loop.progress = Progress.from_state_dict(state, loop.metric_name, distributed.rank())
+    if loop.progress.phase == "finetune":  # the fit network being fine-tuned, as it was
+        loop.fit = slice_fit(loop.model, loop.split, example_inputs=loop.example_input())
+        loop.fit.load_state_dict(state["fit"])
     if loop.progress.inside_generation():  # the optimizer and schedule carry on
         loop.start_optimizer()
         loop.optimizer.load_state_dict(state["optimizer"])
@@ -96,16 +101,19 @@ class Checkpointing(Callback):
             source = None if config.arch else config.model or loop.model  # (not trained yet: its architecture)
             self.run_dir.start(config, loop.split, source)
         if loop.progress.history:  # a run killed after its checkpoint, before its metrics
-            self.run_dir.write_metrics(loop.progress.history)
+            self._write_metrics(loop)
 
     def on_epoch_end(self, loop: "Evolution", generation: int, epoch: int) -> None:
-        if epoch + 1 < loop.config.epochs:  # the generation's last epoch: on_generation_end saves
+        if epoch + 1 < loop.phase_epochs:  # the phase's last epoch: the record's checkpoint follows
             self._save(loop)
 
     def on_generation_end(self, loop: "Evolution", record: "GenerationRecord") -> None:
         self._save(loop)
-        if distributed.is_main():
-            self.run_dir.write_metrics(loop.progress.history)
+        self._write_metrics(loop)
+
+    def on_finetune_end(self, loop: "Evolution", record: "FinetuneRecord") -> None:
+        self._save(loop)
+        self._write_metrics(loop)
 
     def on_interrupt(self, loop: "Evolution") -> None:
         self._save(loop)
@@ -119,6 +127,10 @@ class Checkpointing(Callback):
         self.run_dir.save_final(loop.model, fit, loop.split, loop.run_config, loop.input_shape)
         plot_generations({self.run_dir.path.name: loop.progress.history}, self.run_dir.chart_file,
                          title=self.run_dir.title())
+
+    def _write_metrics(self, loop: "Evolution") -> None:
+        if distributed.is_main():
+            self.run_dir.write_metrics(loop.progress.history, loop.progress.finetune)
 
     def _save(self, loop: "Evolution") -> None:
         if distributed.is_main():

@@ -24,11 +24,13 @@ from .bench import RUNTIMES, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
+from .distillation import FitDistillation
+from .finetune import FitFinetuning
 from .errors import KecompressError
 from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
-from .report import RichProgress, generations_table
+from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
 from .split import METHODS, split as make_split
@@ -80,6 +82,18 @@ def app():
 @click.option("--fit-batchnorm", type=click.Choice(FIT_BATCHNORM), default="re-estimated",
               help="the fit network's BatchNorm statistics: re-estimated on the training images for the fit "
                    "network alone, or inherited from the dense network (KE's paper)")
+@click.option("--distill-fit", is_flag=True,
+              help="in-place distillation: every step also trains the fit network on the dense network's predictions")
+@click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=1.0,
+              help="temperature of the fit's distillation")
+@click.option("--distill-weight", type=click.FloatRange(0), default=1.0, help="weight of the fit's distillation term")
+@click.option("--distill-label-weight", type=click.FloatRange(0), default=0.0,
+              help="weight of the fit's own loss on the labels, beside its distillation term")
+@click.option("--distill-from", "distill_start", type=POSITIVE, default=1,
+              help="the first generation whose steps distil the fit")
+@click.option("--finetune-fit", type=click.IntRange(0), default=0, metavar="EPOCHS",
+              help="after the last generation, fine-tune the fit network alone for EPOCHS epochs with knowledge "
+                   "distillation from the dense network (KELS); fit.pt is then the fine-tuned network")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
               help="fp32, or mixed precision: bf16 or fp16 (with a gradient scaler) under autocast")
@@ -92,7 +106,8 @@ def app():
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
 def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
-           fit_batchnorm, device, precision, channels_last, compile_model, tensorboard, trust_model_file):
+           fit_batchnorm, distill_fit, distill_temperature, distill_weight, distill_label_weight, distill_start,
+           finetune_fit, device, precision, channels_last, compile_model, tensorboard, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
@@ -111,10 +126,14 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         if compile_model:
             check_compile(torch_device)
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
+        distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start) \
+            if distill_fit else None
     config = RunConfig(model=model, num_classes=num_classes, split=split_method, rate=rate, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
-                       fit_batchnorm=fit_batchnorm, training=training, trust_model_file=trust_model_file)
+                       fit_batchnorm=fit_batchnorm, training=training, trust_model_file=trust_model_file,
+                       distill_fit=distillation and distillation.identity(),
+                       finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None)
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
     loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
                             channels_last=channels_last, compile_model=compile_model,
@@ -130,9 +149,10 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                    f"run directory {out}")
     with progress or nullcontext():
         history = loop.run()
-    last, files = history[-1], loop.run_dir
+    last, files, finetune = history[-1], loop.run_dir, loop.progress.finetune
     _print_on_main(f"done: generation {last.generation}, dense accuracy {last.dense:.2%}, "
-                   f"fit accuracy {last.fit:.2%}; metrics in {files.metrics_file} (chart: {files.chart_file}), "
+                   f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
+                   + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
                    f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method == "kels" else ""))
 
 
@@ -171,6 +191,9 @@ def report(run_dirs, out, labels, force):
     for name, directory in zip(names, directories):
         title = directory.title()
         console.print(generations_table(runs[name], title=f"{name}: {title}" if title else name))
+        finetune = directory.read_finetune()
+        if finetune:
+            console.print(finetune_line(finetune))
     plot_generations(runs, out, title=directories[0].title() if len(run_dirs) == 1 else None)
     console.print(f"chart: {out}")
 

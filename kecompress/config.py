@@ -88,6 +88,8 @@ class RunConfig:
     fit_batchnorm: str = "re-estimated"
     metric: str = "accuracy"
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distill_fit: dict | None = None  # FitDistillation's settings; None: no in-place distillation
+    finetune_fit: dict | None = None  # FitFinetuning's settings; None: no fine-tuning of the fit
     world_size: int = 1
     trust_model_file: bool = False
     loaders: str = "kecompress"  # "kecompress": data and loss built from this config; "python": the user's own

@@ -22,6 +22,7 @@ are averaged, metrics are summed over the ranks, and only rank 0 writes files.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,12 +35,14 @@ from .acceleration import MixedPrecision, check_channels_last, check_compile
 from .callbacks import Callback
 from .checkpoint import Checkpointing, restore
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
+from .distillation import FitDistillation, FitPass
 from .distributed import on_every_rank
 from .errors import KecompressError
-from .evaluation import accuracy, evaluate, parameter_count
+from .evaluation import accuracy, eval_mode, evaluate, parameter_count
+from .finetune import FinetuneStep, FitFinetuning
 from .interrupt import CtrlCGuard
 from .progress import Progress
-from .records import GenerationRecord
+from .records import FinetuneRecord, GenerationRecord
 from .reset import reset_
 from .rundir import RunDirectory
 from .seeds import reset_seed
@@ -78,6 +81,13 @@ class Evolution:
         channels_last: train a convolutional network in the channels-last memory format
             (faster on GPUs with mixed precision); converts ``model`` in place.
         compile_model: train through ``torch.compile`` (slow to start, then faster).
+        finetune_fit: epochs (or a :class:`~kecompress.finetune.FitFinetuning`) of fine-tuning
+            the fit network alone after the last generation, with knowledge distillation from the
+            final dense network; ``fit`` and the saved fit network are then the fine-tuned one,
+            its record ``progress.finetune``. KELS only.
+        fit_distillation: a :class:`~kecompress.distillation.FitDistillation`: in every step the
+            fit network (on its slim shapes for KELS, masked for WELS) also learns from the dense
+            network's predictions; the training loss then includes its term.
         run_config: the run's :class:`~kecompress.config.RunConfig` when the model, data and
             loss were built from one (:func:`kecompress.experiment.build`); by default one is
             made from the arguments, marking the data as the caller's own loaders.
@@ -103,7 +113,8 @@ class Evolution:
                  device: torch.device | str = "cpu", example_inputs=None,
                  run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
                  precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
-                 fit_batchnorm: str = "re-estimated", run_config: RunConfig | None = None):
+                 fit_batchnorm: str = "re-estimated", fit_distillation: FitDistillation | None = None,
+                 finetune_fit: int | FitFinetuning | None = None, run_config: RunConfig | None = None):
         split.check_matches(model)
         if fit_batchnorm not in FIT_BATCHNORM:
             raise KecompressError(f"fit_batchnorm must be one of {', '.join(FIT_BATCHNORM)}, got {fit_batchnorm!r}")
@@ -111,6 +122,11 @@ class Evolution:
             raise on_every_rank(KecompressError(
                 "torchrun started several processes but this one has joined no process group, so each would "
                 "train alone: call kecompress.distributed.setup(device) first"))
+        self.finetuning = FitFinetuning(finetune_fit) if isinstance(finetune_fit, int) and finetune_fit else \
+            finetune_fit or None
+        if self.finetuning and split.method != "kels":
+            raise KecompressError("fine-tuning the fit needs a KELS split: a WELS fit is sparse, and training it alone "
+                                  "would fill in its zeros; drop --finetune-fit or use --split kels")
         self.amp = MixedPrecision(precision, device)
         if channels_last:
             check_channels_last(model)
@@ -130,6 +146,8 @@ class Evolution:
             model=None, split=split.method, rate=split.rate, seed=split.seed, val_fraction=None,
             batch_size=getattr(train_loader, "batch_size", None), label_smoothing=None,
             fit_batchnorm=fit_batchnorm, metric=metric_name, training=self.config,
+            distill_fit=fit_distillation and fit_distillation.identity(),
+            finetune_fit=self.finetuning and self.finetuning.identity(),
             world_size=distributed.world_size(), loaders="python")
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
         self.callbacks = ([Checkpointing(self.run_dir)] if self.run_dir else []) + list(callbacks)
@@ -137,9 +155,11 @@ class Evolution:
         self.optimizer = self.schedule = None  # each generation's, made when it starts
         self.fit: nn.Module | None = None  # the fit network of the last finished generation, as measured
         self.ctrl_c = CtrlCGuard()
+        self.fit_distillation = fit_distillation
+        fit_pass = FitPass(self.model, split, self.example_input()) if fit_distillation else None
         self.step = TrainingStep(self.model, self.loss_fn, self.amp, self.device, channels_last, compile_model,
-                                 self.ctrl_c)
-        self.epochs = EpochLoop(self)
+                                 self.ctrl_c, fit_distillation, fit_pass)
+        self.epochs = EpochLoop(self, self.model, self.step)
 
     # -- extension points ---------------------------------------------------------------------
     def call(self, hook: str, *args) -> None:
@@ -175,7 +195,8 @@ class Evolution:
         return self
 
     def run(self) -> list[GenerationRecord]:
-        """Train generation after generation; return one record of metrics per generation.
+        """Train generation after generation (then fine-tune the fit network, if asked); return one
+        record of metrics per generation.
 
         Example:
             >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
@@ -183,17 +204,27 @@ class Evolution:
         with self.ctrl_c:
             self.call("on_run_start")
             progress = self.progress
-            if progress.epochs_done >= self.config.epochs:  # the checkpoint closed a generation
-                progress.next_generation()
-            while progress.generation <= self.config.generations and not self._target_reached():
-                self._run_generation(progress.generation)
-                if self._target_reached():
-                    break
-                progress.next_generation()
-            if self.fit is None:  # resumed after its last generation: the fit network it measured
-                self.fit = self.fit_network()
+            if progress.phase == "generations":
+                self._run_generations()
+                if self.fit is None:  # resumed after its last generation: the fit network it measured
+                    self.fit = self.fit_network()
+                if self.finetuning:
+                    progress.start_finetune()
+                    self.start_optimizer()
+            if progress.phase == "finetune" and progress.finetune is None:
+                self._finetune()
             self.call("on_run_end")
         return self.progress.history
+
+    def _run_generations(self) -> None:
+        progress = self.progress
+        if progress.epochs_done >= self.config.epochs:  # the checkpoint closed a generation
+            progress.next_generation()
+        while progress.generation <= self.config.generations and not self._target_reached():
+            self._run_generation(progress.generation)
+            if self._target_reached():
+                break
+            progress.next_generation()
 
     def _run_generation(self, generation: int) -> None:
         progress = self.progress
@@ -214,17 +245,46 @@ class Evolution:
         progress.finish_generation(record)
         self.call("on_generation_end", record)
 
+    def _finetune(self) -> None:
+        """Fine-tune ``self.fit`` alone, the dense network its teacher; its epochs draw their seeds
+        as a generation after the last one would."""
+        progress, student = self.progress, self.fit
+        generation = self.config.generations + 1
+        step = FinetuneStep(student, self.model, self.finetuning, self.loss_fn, self.amp, self.device,
+                            self.step.channels_last, self.ctrl_c)
+        epochs = EpochLoop(self, student, step)
+        started = time.perf_counter()
+        train_loss = None
+        with eval_mode(self.model):  # the teacher: its BatchNorm statistics as they are
+            while progress.epochs_done < self.finetuning.epochs:
+                epoch = progress.epochs_done
+                train_loss = epochs.run(generation, epoch)
+                self.call("on_epoch_end", generation, epoch)
+        loss, metric = self._evaluate(student)
+        progress.finetune = FinetuneRecord(self.finetuning.epochs, self.metric_name, fit=metric, fit_loss=loss,
+                                           train_loss=train_loss, seconds=time.perf_counter() - started)
+        self.call("on_finetune_end", progress.finetune)
+
+    @property
+    def phase_epochs(self) -> int:
+        """The epochs of the current phase: a generation's, or the fine-tuning's."""
+        return self.finetuning.epochs if self.progress.phase == "finetune" else self.config.epochs
+
     def _target_reached(self) -> bool:
         history = self.progress.history
         return self.config.target is not None and bool(history) and history[-1].fit >= self.config.target
 
     def start_optimizer(self) -> None:
-        """A new optimizer and schedule for the generation that starts (``make_optimizer``).
+        """A new optimizer and schedule for the generation (or the fine-tuning) that starts.
 
         Example:
             >>> # loop.start_optimizer(); loop.epochs.run(generation=1, epoch=0)
         """
-        self.optimizer, self.schedule = make_optimizer(self.model, self.config, len(self.train_loader))
+        if self.progress.phase == "finetune":
+            config = replace(self.config, epochs=self.finetuning.epochs, warmup_epochs=0)
+            self.optimizer, self.schedule = make_optimizer(self.fit, config, len(self.train_loader))
+        else:
+            self.optimizer, self.schedule = make_optimizer(self.model, self.config, len(self.train_loader))
 
     def train_epoch(self, generation: int, epoch: int) -> float:
         """Train one epoch (counted from 0) exactly as the loop does, callbacks included, with the
@@ -280,9 +340,11 @@ class Evolution:
             8
         """
         return fit_network(self.model, self.split, self.train_loader, fit_batchnorm=self.fit_batchnorm,
-                           seed=self.config.seed, device=self.device, example_inputs=self._example_inputs())
+                           seed=self.config.seed, device=self.device, example_inputs=self.example_input())
 
-    def _example_inputs(self) -> torch.Tensor:
+    def example_input(self) -> torch.Tensor:
+        """An input batch the fit network is sliced for: ``example_inputs``, or the first
+        validation sample."""
         if self.example_inputs is None:
             self.example_inputs = next(iter(self.val_loader))[0][:1]
         return self.example_inputs.to(self.device)
@@ -290,7 +352,7 @@ class Evolution:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """The shape of one input (without the batch), as the fit network was sliced for."""
-        return tuple(self._example_inputs().shape[1:])
+        return tuple(self.example_input().shape[1:])
 
 
 def evolve(model: nn.Module, split: Split, train_loader, val_loader,

@@ -27,6 +27,8 @@ from . import distributed
 from .acceleration import check_channels_last
 from .callbacks import Callback
 from .config import RunConfig
+from .distillation import FitDistillation
+from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evolution import Evolution
 from .files import remove_stale_temporaries
@@ -104,7 +106,10 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
                          device=device, example_inputs=example_inputs.to(device), run_dir=run_dir and run_dir.path,
                          callbacks=callbacks, precision=precision, channels_last=channels_last,
-                         compile_model=compile_model, fit_batchnorm=config.fit_batchnorm, run_config=config)
+                         compile_model=compile_model, fit_batchnorm=config.fit_batchnorm,
+                         fit_distillation=FitDistillation(**config.distill_fit) if config.distill_fit else None,
+                         finetune_fit=FitFinetuning(**config.finetune_fit) if config.finetune_fit else None,
+                         run_config=config)
     if resume:
         loop.resume()
     return loop

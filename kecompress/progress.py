@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .records import GenerationRecord
+from .records import FinetuneRecord, GenerationRecord
 
 
 @dataclass
@@ -60,7 +60,8 @@ class EpochProgress:
 @dataclass
 class Progress:
     """The position of a run: the generation it is in, the epochs of it already trained, how far
-    into the next epoch a Ctrl-C got, and the records of the finished generations.
+    into the next epoch a Ctrl-C got, and the records of the finished generations; after them,
+    the same for the fit network's fine-tuning, if any.
 
     Example:
         >>> progress = Progress()
@@ -74,6 +75,8 @@ class Progress:
     epochs_done: int = 0
     epoch: EpochProgress | None = None
     history: list[GenerationRecord] = field(default_factory=list)
+    phase: str = "generations"  # then "finetune": epochs_done and epoch count the fit's fine-tuning
+    finetune: FinetuneRecord | None = None  # the fine-tuned fit's record, once done
 
     def inside_generation(self) -> bool:
         """Whether the run stopped inside the current generation (its optimizer state carries on)."""
@@ -89,15 +92,21 @@ class Progress:
     def next_generation(self) -> None:
         self.generation, self.epochs_done, self.epoch = self.generation + 1, 0, None
 
+    def start_finetune(self) -> None:
+        self.phase, self.epochs_done, self.epoch = "finetune", 0, None
+
     def state_dict(self) -> dict:
         """The checkpoint entries of the position (the keys earlier versions wrote)."""
         return {"generation": self.generation, "epochs_done": self.epochs_done,
                 "epoch_progress": self.epoch.state_dict() if self.epoch else None,
-                "history": [record.to_json() for record in self.history]}
+                "history": [record.to_json() for record in self.history], "phase": self.phase,
+                "finetune": self.finetune.to_json() if self.finetune else None}
 
     @classmethod
     def from_state_dict(cls, state: dict, metric: str, rank: int = 0) -> "Progress":
         """The position a checkpoint holds, for process ``rank``."""
         history = [GenerationRecord.from_json(record, metric) for record in state["history"]]
+        finetune = state.get("finetune")
         return cls(state["generation"], state["epochs_done"],
-                   EpochProgress.from_state_dict(state.get("epoch_progress"), rank), history)
+                   EpochProgress.from_state_dict(state.get("epoch_progress"), rank), history,
+                   state.get("phase", "generations"), finetune and FinetuneRecord.from_json(finetune, metric))

@@ -66,3 +66,30 @@ def metric_of(records: list[dict]) -> str:
         raise KecompressError("the metrics lack dense_<metric> and fit_<metric> values in some generation: "
                               "they were not written by kecompress")
     return names[0]
+
+
+@dataclass(frozen=True)
+class FinetuneRecord:
+    """The fit network after fine-tuning (:mod:`kecompress.finetune`), measured on the validation data.
+
+    Example:
+        >>> FinetuneRecord(5, "accuracy", fit=0.8, fit_loss=0.6).to_json()["fit_accuracy"]
+        0.8
+    """
+
+    epochs: int
+    metric: str
+    fit: float
+    fit_loss: float
+    train_loss: float | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict:
+        """The record as ``metrics.json``'s ``"finetune"`` entry."""
+        return {"epochs": self.epochs, f"fit_{self.metric}": self.fit, "fit_loss": self.fit_loss,
+                "train_loss": self.train_loss, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, values: dict, metric: str) -> "FinetuneRecord":
+        return cls(values["epochs"], metric, values[f"fit_{metric}"], values["fit_loss"],
+                   values.get("train_loss"), values.get("seconds"))

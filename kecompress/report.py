@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .callbacks import Callback
-from .records import GenerationRecord
+from .records import FinetuneRecord, GenerationRecord
 
 
 class RichProgress(Callback):
@@ -49,6 +49,9 @@ class RichProgress(Callback):
         self.progress.reset(self._batch, total=len(loop.train_loader), visible=True)
 
     def on_epoch_start(self, loop, generation: int, epoch: int) -> None:
+        if loop.progress.phase == "finetune" and epoch == loop.progress.epochs_done:
+            self.progress.update(self._generation, status="fine-tuning the fit")
+            self.progress.reset(self._epoch, total=loop.phase_epochs, visible=True)
         self.progress.update(self._epoch, completed=epoch)
         self.progress.reset(self._batch, status="")
         self._epoch_started, self._samples = time.perf_counter(), 0
@@ -65,6 +68,23 @@ class RichProgress(Callback):
         table.add_row(*_generation_row(record))
         self.console.print(table)
         self._rows += 1
+
+
+    def on_finetune_end(self, loop, record: FinetuneRecord) -> None:
+        self.console.print(finetune_line(record))
+
+
+def finetune_line(record: FinetuneRecord) -> str:
+    """One line on the fine-tuned fit network.
+
+    Example:
+        >>> finetune_line(FinetuneRecord(5, "accuracy", fit=0.8, fit_loss=0.61, seconds=30.0))
+        'fit fine-tuned for 5 epochs: fit acc 80.00%, fit loss 0.6100 (30 s)'
+    """
+    name = "acc" if record.metric == "accuracy" else record.metric
+    seconds = f" ({record.seconds:.0f} s)" if record.seconds is not None else ""
+    return (f"fit fine-tuned for {record.epochs} epochs: fit {name} {_metric(record.fit, record.metric)}, "
+            f"fit loss {record.fit_loss:.4f}{seconds}")
 
 
 def generations_table(records: list[GenerationRecord], title: str | None = None) -> Group:
@@ -100,11 +120,15 @@ def _generation_row(record: GenerationRecord) -> list[str]:
     def number(value, show) -> str:  # records written by other code may lack a column
         return show(value) if value is not None else "-"
 
-    metric = lambda value: f"{100 * value:.2f}%" if record.metric == "accuracy" else f"{value:.4f}"  # noqa: E731
+    metric = lambda value: _metric(value, record.metric)  # noqa: E731
     loss = "{:.4f}".format
     return [str(record.generation), number(record.dense, metric), number(record.fit, metric),
             number(record.dense_loss, loss), number(record.fit_loss, loss), number(record.train_loss, loss),
             number(record.seconds, lambda v: f"{v:.0f} s")]
+
+
+def _metric(value: float, metric: str) -> str:
+    return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4f}"
 
 
 def _millions(count: int) -> str:

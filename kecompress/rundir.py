@@ -3,10 +3,11 @@
     config.json     the run's configuration (:class:`~kecompress.config.RunConfig`)
     split.pt        the split's masks (plain tensors)
     checkpoint.pt   model, optimizer, schedule, RNG, progress: a resumed run continues here
-    metrics.json    {"metric": "accuracy", "generations": [{"generation": 1, "dense_accuracy": ..., ...}, ...]}
+    metrics.json    {"metric": "accuracy", "generations": [{"generation": 1, "dense_accuracy": ..., ...}, ...],
+                    "finetune": {"epochs": ..., "fit_accuracy": ..., "fit_loss": ...} (when fine-tuned)}
     generations.png dense and fit accuracy and the losses against generation (``kecompress report``)
     dense.pt        the final dense model's state_dict (the architecture is in config.json)
-    fit.pt          the final fit network (KELS): a recipe plus weights, rebuilt and re-sliced on load
+    fit.pt          the final fit network (KELS; fine-tuned, when asked): a recipe plus weights, rebuilt and re-sliced on load
     source_model.pt the whole model the run started from, when it is no torchvision architecture
     onnx/           ``kecompress export``'s ONNX files
 
@@ -30,7 +31,7 @@ from .config import RunConfig, TrainingConfig
 from .errors import KecompressError
 from .files import atomic_path, save_json, save_torch
 from .models import build_model, load_model_file
-from .records import GenerationRecord, metric_of
+from .records import FinetuneRecord, GenerationRecord, metric_of
 from .slim import slice_fit
 from .split import Split, split as make_split
 
@@ -145,9 +146,28 @@ class RunDirectory:
         return KecompressError(f"cannot resume from {self.checkpoint_file} ({error.__class__.__name__}): the "
                                "checkpoint is damaged or from another model; start a new run with another --out")
 
-    def write_metrics(self, records: list[GenerationRecord]) -> None:
+    def write_metrics(self, records: list[GenerationRecord], finetune: FinetuneRecord | None = None) -> None:
         metric = records[0].metric if records else None
-        save_json({"metric": metric, "generations": [record.to_json() for record in records]}, self.metrics_file)
+        content = {"metric": metric, "generations": [record.to_json() for record in records]}
+        if finetune is not None:
+            content["finetune"] = finetune.to_json()
+        save_json(content, self.metrics_file)
+
+    def read_finetune(self) -> FinetuneRecord | None:
+        """The record of the fit's fine-tuning, when the run fine-tuned it (after :meth:`read_metrics`).
+
+        Example:
+            >>> # RunDirectory("runs/demo").read_finetune().fit
+        """
+        content = json.loads(self.metrics_file.read_text())
+        if not content.get("finetune"):
+            return None
+        metric = content.get("metric") or metric_of(content["generations"])
+        try:
+            return FinetuneRecord.from_json(content["finetune"], metric)
+        except (KeyError, TypeError):
+            raise KecompressError(f"{self.metrics_file} is damaged: its \"finetune\" entry lacks fit_{metric} "
+                                  "or fit_loss") from None
 
     def read_metrics(self) -> list[GenerationRecord]:
         """The records of the generations the run has finished so far; works on any directory an

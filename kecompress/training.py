@@ -1,7 +1,8 @@
 """Training: the optimizer and its schedule, one training step, and the epoch loop.
 
 :class:`TrainingStep` owns how one batch trains the model (DistributedDataParallel under
-torchrun, ``torch.compile``, mixed precision, the loss summed over the ranks);
+torchrun, ``torch.compile``, mixed precision, in-place distillation of the fit network, the loss
+summed over the ranks);
 :class:`EpochLoop` owns an epoch (its seeds, the steps a Ctrl-C checkpoint already trained,
 divergence, the stop after a Ctrl-C). The generation loop around them is
 :class:`kecompress.Evolution`.
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .acceleration import MixedPrecision
 from .config import TrainingConfig
+from .distillation import FitDistillation, FitPass
 from .distributed import on_every_rank
 from .errors import KecompressError
 from .interrupt import CtrlCGuard, RunInterrupted
@@ -70,9 +72,11 @@ class TrainingStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, amp: MixedPrecision, device: torch.device | str = "cpu",
-                 channels_last: bool = False, compile_model: bool = False, ctrl_c: CtrlCGuard | None = None):
+                 channels_last: bool = False, compile_model: bool = False, ctrl_c: CtrlCGuard | None = None,
+                 distillation: FitDistillation | None = None, fit_pass: FitPass | None = None):
         self.model, self.loss_fn, self.amp = model, loss_fn, amp
         self.ctrl_c = ctrl_c or CtrlCGuard()
+        self.distillation, self.fit_pass = distillation, fit_pass
         self.device = torch.device(device)
         self.channels_last, self.compile_model = channels_last, compile_model
         self._network = None
@@ -88,18 +92,28 @@ class TrainingStep:
             self._network = torch.compile(network) if self.compile_model else network
         return self._network
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule) -> tuple[float, float, float]:
-        """Train on one batch; return the loss summed over its images, the images and whether a
-        stop was requested (``ctrl_c``, during the step included), each summed over the ranks."""
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule,
+                 generation: int = 1) -> tuple[float, float, float]:
+        """Train on one batch of ``generation``; return the loss summed over its images, the images
+        and whether a stop was requested (``ctrl_c``, during the step included), each summed over
+        the ranks. With in-place distillation the loss is the dense and the fit network's together."""
         inputs, targets = self._to_device(inputs), targets.to(self.device)
         with self.amp.autocast():
-            loss = self.loss_fn(self.network(inputs), targets)
+            loss = self.loss(inputs, targets, generation)
         optimizer.zero_grad(set_to_none=True)
         self.amp.backward_and_step(loss, optimizer)
         self.amp.step_schedule(schedule)
         loss_sum, samples, stop = distributed.all_sum(
             [loss.detach().double() * len(inputs), len(inputs), self.ctrl_c.stop_requested], self.device)
         return loss_sum, samples, stop
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, generation: int) -> torch.Tensor:
+        """The loss one step minimises (under autocast)."""
+        outputs = self.network(inputs)
+        loss = self.loss_fn(outputs, targets)
+        if self.distillation and generation >= self.distillation.start_generation:
+            loss = loss + self.distillation.loss(self.fit_pass(inputs), outputs, targets, self.loss_fn)
+        return loss
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.channels_last and inputs.dim() == 4:
@@ -116,8 +130,8 @@ class EpochLoop:
         >>> # loop.epochs.run(generation=1, epoch=0) trains one epoch of ``loop``, an Evolution
     """
 
-    def __init__(self, loop: "Evolution"):
-        self.loop = loop
+    def __init__(self, loop: "Evolution", model: nn.Module, step: TrainingStep):
+        self.loop, self.model, self.step = loop, model, step
 
     def run(self, generation: int, epoch: int) -> float:
         """Train one epoch (counted from 0) with the loop's optimizer; return its mean training loss."""
@@ -130,7 +144,7 @@ class EpochLoop:
         if hasattr(sampler, "set_epoch"):  # a DistributedSampler: the same order on every rank
             sampler.set_epoch(seed)
         loop.call("on_epoch_start", generation, epoch)
-        loop.model.train()
+        self.model.train()
         # Resumed inside the epoch: its first steps were trained before the Ctrl-C; loading their
         # batches replays the augmentation draws, then the random state continues after them.
         resumed = loop.progress.epoch
@@ -141,7 +155,7 @@ class EpochLoop:
                 if step + 1 == progress.steps:
                     torch.set_rng_state(resumed.rng)
                 continue
-            loss_sum, samples, stop = loop.step(inputs, targets, loop.optimizer, loop.schedule)
+            loss_sum, samples, stop = self.step(inputs, targets, loop.optimizer, loop.schedule, generation)
             if math.isfinite(loss_sum):
                 progress.add(loss_sum, int(samples))
             elif loop.amp.scaler is None:  # (with one, fp16's scaler skipped this step and lowered its scale)

@@ -1,0 +1,132 @@
+"""In-place distillation of the fit network and fine-tuning it after the last generation."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kecompress
+from kecompress import Evolution, TrainingConfig
+from kecompress.cli import main
+from kecompress.distillation import FitDistillation, FitPass
+from kecompress.interrupt import RunInterrupted
+from kecompress.rundir import RunDirectory, load_fit
+
+from conftest import build, loaders, randomise_batchnorm, small_cnn
+
+ARCHS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_fit_pass_is_the_sliced_fit_network_and_trains_only_the_fit_entries(arch):
+    model = randomise_batchnorm(build(arch))
+    example = torch.randn(1, 3, 32, 32)
+    split = kecompress.split(model, "kels", 0.5, example_inputs=example)
+    fit_pass = FitPass(model, split, example)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    inputs = torch.randn(4, 3, 32, 32)
+    sliced = kecompress.slice_fit(model, split, example_inputs=example).train()
+    torch.manual_seed(1)  # the same dropout and stochastic depth in both
+    outputs = fit_pass(inputs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(outputs, sliced(inputs), rtol=1e-4, atol=1e-5)
+    outputs.square().sum().backward()
+    for name, param in model.named_parameters():
+        mask = split.masks.get(name)
+        if mask is not None and param.grad is not None:
+            assert not param.grad[~mask].any(), name  # nothing reaches the reset entries
+    assert any(param.grad is not None and param.grad.any() for param in model.parameters())
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())  # dense BN untouched
+
+
+def test_the_wels_fit_pass_is_the_masked_dense_network():
+    model = small_cnn()
+    split = kecompress.split(model, "wels", 0.5, seed=1)
+    fit_pass = FitPass(model, split, torch.randn(1, 3, 8, 8))
+    fit_pass(torch.randn(4, 3, 8, 8)).sum().backward()
+    for name, param in model.named_parameters():
+        if name in split.masks:
+            assert not param.grad[~split.masks[name]].any()
+
+
+def distilled(run_dir=None, callbacks=(), **options):
+    torch.manual_seed(0)
+    model = small_cnn()
+    split = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    return Evolution(model, split, train, val, TrainingConfig(generations=2, epochs=2, lr=0.05, seed=4),
+                     run_dir=run_dir, callbacks=callbacks, **options)
+
+
+class StopAtStep(kecompress.Callback):
+    def __init__(self, step):
+        self.step, self.steps = step, 0
+
+    def on_step_end(self, loop, loss, samples):
+        self.steps += 1
+        if self.steps == self.step:
+            loop.request_stop()
+
+
+def strip(history):
+    return [dataclasses.replace(record, seconds=None) for record in history]
+
+
+@pytest.mark.parametrize("options, stop_at", [
+    ({"fit_distillation": FitDistillation(temperature=2.0, label_weight=0.5)}, 13),  # inside generation 2
+    ({"finetune_fit": 2}, 23),  # inside the fine-tuning's second epoch (4 x 5 steps before it)
+    ({"fit_distillation": FitDistillation(), "finetune_fit": 2}, 21)])
+def test_a_stopped_run_resumes_bit_for_bit(tmp_path, options, stop_at):
+    reference = distilled(**options)
+    reference_history = reference.run()
+    with pytest.raises(RunInterrupted):
+        distilled(tmp_path, callbacks=[StopAtStep(stop_at)], **options).run()
+    resumed = distilled(tmp_path, **options).resume()
+    assert strip(resumed.run()) == strip(reference_history)
+    assert all(torch.equal(value, reference.model.state_dict()[key]) for key, value in resumed.model.state_dict().items())
+    assert all(torch.equal(value, reference.fit.state_dict()[key]) for key, value in resumed.fit.state_dict().items())
+    if reference.progress.finetune:
+        assert strip([resumed.progress.finetune]) == strip([reference.progress.finetune])
+
+
+def test_distillation_changes_training_and_its_settings_are_the_runs_identity(tmp_path):
+    plain, with_distillation = distilled().run(), distilled(tmp_path, fit_distillation=FitDistillation()).run()
+    assert strip(plain) != strip(with_distillation)
+    assert RunDirectory(tmp_path).read_config().distill_fit["temperature"] == 1.0
+    with pytest.raises(kecompress.KecompressError, match="differs in distill_fit"):
+        distilled(tmp_path).resume()
+
+
+def test_fine_tuning_trains_the_fit_alone_records_it_and_saves_it(tmp_path):
+    loop = distilled(tmp_path, finetune_fit=3)
+    history = loop.run()
+    dense_after_generations = {key: value.clone() for key, value in loop.model.state_dict().items()}
+    record = loop.progress.finetune
+    assert record.epochs == 3 and 0 <= record.fit <= 1
+    saved = RunDirectory(tmp_path)
+    assert saved.read_finetune() == record and len(saved.read_metrics()) == len(history)
+    fit = load_fit(saved.fit_file, dense=saved.build_dense(saved.read_config()))
+    assert all(torch.equal(value, loop.fit.state_dict()[key]) for key, value in fit.state_dict().items())
+    without = distilled()
+    assert strip(without.run()) == strip(history)  # fine-tuning leaves the generations and the dense network alone
+    assert all(torch.equal(v, without.model.state_dict()[k]) for k, v in dense_after_generations.items())
+
+
+def test_fine_tuning_a_wels_fit_is_refused():
+    model = small_cnn()
+    train, val = loaders()
+    with pytest.raises(kecompress.KecompressError, match="needs a KELS split"):
+        Evolution(model, kecompress.split(model, "wels", 0.5), train, val, finetune_fit=2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distill-fit", "--distill-temperature", "0"], "--distill-temperature"),
+    (["--distill-fit", "--distill-weight", "-1"], "--distill-weight"),
+    (["--finetune-fit", "-1"], "--finetune-fit"),
+    (["--finetune-fit", "2", "--split", "wels"], "needs a KELS split"),
+])
+def test_bad_distillation_and_fine_tuning_settings_get_one_line(argv, message, tmp_path, capsys):
+    status = main(["evolve", "resnet18", "--image-size", "16", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.splitlines()) == 1, err
