@@ -1,0 +1,188 @@
+"""Benchmark: does the fit network gain from learning from the dense one? In-place distillation
+(in several forms) and fine-tuning against plain KE, on a small data set.
+
+For each seed, on the bundled digits (or an ImageFolder, ``--data``) with ``--per-class`` training
+images a class and the whole validation set as the test set, it trains KE for ``--generations``
+generations of ``--epochs`` epochs in each variant:
+
+- ``ke``: plain Knowledge Evolution (the fit only survives the resets);
+- ``distill``: in-place distillation as slimmable networks do it (temperature 1, weight 1, no
+  label term, from the first step);
+- ``distill-from-2``: the same from generation 2 on (generation 1 is then plain training);
+- ``distill-t4-labels``: temperature 4 and the fit's own loss on the labels beside it;
+- ``ke-finetune``: plain KE, then the fit fine-tuned alone for ``--epochs`` epochs with knowledge
+  distillation from the dense network.
+
+It prints and writes (``--report``, below a hand-written part it keeps) dense and fit test
+accuracy after generation 1 and after the last, the fine-tuned fit, each variant's paired
+difference from ``ke`` per seed, and a verdict only where a difference is beyond two standard
+errors. Finished runs are kept in ``--work-dir``, so a rerun continues.
+
+Usage:
+    .venv/bin/python benchmarks/fit_distillation.py [--seeds 3] [--per-class 20] [--generations 3]
+        [--epochs 10] [--jobs 2] [--variants ke distill ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
+
+from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report  # noqa: E402
+
+VARIANTS = {
+    "ke": {},
+    "distill": {"distill_fit": {}},
+    "distill-from-2": {"distill_fit": {"start_generation": 2}},
+    "distill-t4-labels": {"distill_fit": {"temperature": 4.0, "label_weight": 1.0}},
+    "ke-finetune": {"finetune_fit": {}},
+}
+FORMAT = 1  # of the jobs' files: a change of what a job computes gets a new number
+
+
+def job_settings(options: dict, variant: str, seed: int) -> dict:
+    """Everything one run depends on; its file in the work directory is named by it."""
+    return {"format": FORMAT, "variant": variant, "seed": seed,
+            **{key: options[key] for key in ("model", "rate", "per_class", "generations", "epochs", "lr",
+                                               "image_size", "batch_size", "data")}}
+
+
+def run_job(settings: dict) -> dict:
+    """Train one variant for one seed (in a process of its own, one torch thread); its results."""
+    import torch
+
+    from kecompress import experiment
+    from kecompress.config import RunConfig, TrainingConfig
+    from kecompress.data import per_class_subset
+    from kecompress.distillation import FitDistillation
+    from kecompress.finetune import FitFinetuning
+
+    torch.set_num_threads(1)
+    variant = VARIANTS[settings["variant"]]
+    seed = settings["seed"]
+    distill = variant.get("distill_fit")
+    finetune = variant.get("finetune_fit")
+    config = RunConfig(
+        model=settings["model"], rate=settings["rate"], seed=seed, data=settings["data"],
+        image_size=settings["image_size"], batch_size=settings["batch_size"],
+        training=TrainingConfig(generations=settings["generations"], epochs=settings["epochs"], lr=settings["lr"],
+                                seed=seed),
+        distill_fit=None if distill is None else FitDistillation(**distill).identity(),
+        finetune_fit=None if finetune is None else FitFinetuning(settings["epochs"], **finetune).identity())
+    train, test, classes = experiment.load_data(dataclasses.replace(config, seed=0))  # one test set for all seeds
+    started = time.perf_counter()
+    loop = experiment.build(config, (per_class_subset(train, settings["per_class"], seed), test, classes))
+    history = loop.run()
+    return {"settings": settings, "dense": [record.dense for record in history],
+            "fit": [record.fit for record in history],
+            "finetuned_fit": loop.progress.finetune.fit if loop.progress.finetune else None,
+            "seconds": time.perf_counter() - started}
+
+
+def run_all(options: dict) -> dict[str, list[dict]]:
+    """Every variant's results, seed by seed: from the work directory where a run finished before."""
+    work = Path(options["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = {(variant, seed): job_settings(options, variant, seed)
+            for variant in options["variants"] for seed in range(options["seeds"])}
+    path = lambda settings: work / (  # noqa: E731
+        "-".join(f"{key}={value}" for key, value in settings.items() if key != "data").replace("/", "_") + ".json")
+    todo = [settings for settings in jobs.values() if not path(settings).exists()]
+    with ProcessPoolExecutor(max_workers=options["jobs"]) as pool:
+        for result in pool.map(run_job, todo):
+            path(result["settings"]).write_text(json.dumps(result))
+            print(f"done: {result['settings']['variant']} seed {result['settings']['seed']} "
+                  f"({result['seconds']:.0f} s)", flush=True)
+    return {variant: [json.loads(path(jobs[variant, seed]).read_text()) for seed in range(options["seeds"])]
+            for variant in options["variants"]}
+
+
+def mean_std(values: list[float]) -> str:
+    """Percent, mean ± standard deviation over the seeds."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+
+
+def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:
+    """The paired difference in points (mean ± std, each seed's) and whether it is beyond two standard errors."""
+    differences = [100 * (value - base) for value, base in zip(values, baseline)]
+    mean = statistics.fmean(differences)
+    spread = statistics.stdev(differences) if len(differences) > 1 else math.inf
+    beyond = abs(mean) > 2 * spread / math.sqrt(len(differences))
+    text = f"{mean:+.1f} ± {spread:.1f} ({', '.join(f'{d:+.1f}' for d in differences)})"
+    return text, ("better" if mean > 0 else "worse") if beyond else "within noise"
+
+
+def summary(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]], list[str]]:
+    """The table's header and rows, and the verdicts, of what was measured."""
+    header = ["variant", "dense, gen 1", "fit, gen 1", "dense, last", "fit, last", "fit fine-tuned",
+              "fit, last − ke's (points)", "verdict"]
+    rows, verdicts = [], []
+    ke_fit = [run["fit"][-1] for run in results["ke"]] if "ke" in results else None
+    for variant, runs in results.items():
+        last_fit = [run["fit"][-1] for run in runs]
+        finetuned = [run["finetuned_fit"] for run in runs if run["finetuned_fit"] is not None]
+        difference, verdict = paired(last_fit, ke_fit) if ke_fit and variant != "ke" else ("", "")
+        if finetuned:
+            tuned_difference, tuned_verdict = paired(finetuned, last_fit)
+            verdicts.append(f"{variant}: fine-tuning moved the fit by {tuned_difference} points: {tuned_verdict}.")
+        if verdict:
+            verdicts.append(f"{variant}: its last fit against KE's: {difference} points: {verdict}.")
+        rows.append([variant, mean_std([run["dense"][0] for run in runs]), mean_std([run["fit"][0] for run in runs]),
+                     mean_std([run["dense"][-1] for run in runs]), mean_std(last_fit),
+                     mean_std(finetuned) if finetuned else "", difference, verdict])
+    return header, rows, verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=None, help="an ImageFolder directory (default: the bundled digits)")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--rate", type=at_least(0.01, float), default=0.5)
+    parser.add_argument("--per-class", type=at_least(1), default=20, help="training images a class")
+    parser.add_argument("--seeds", type=at_least(2), default=3)
+    parser.add_argument("--generations", type=at_least(2), default=3)
+    parser.add_argument("--epochs", type=at_least(1), default=10, help="a generation's, and the fine-tuning's")
+    parser.add_argument("--lr", type=at_least(1e-6, float), default=0.1)
+    parser.add_argument("--image-size", type=at_least(8), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--jobs", type=at_least(1), default=2, help="runs at a time, one thread each")
+    parser.add_argument("--work-dir", default="runs/fit-distillation", help="finished runs are kept here")
+    parser.add_argument("--report", default=None, help="markdown file to write (its hand-written part is kept)")
+    options = vars(parser.parse_args(argv))
+    started = time.perf_counter()
+    results = run_all(options)
+    header, rows, verdicts = summary(results)
+    from rich.console import Console
+
+    Console().print(rich_table("dense and fit test accuracy (%), mean ± std over seeds", header, rows))
+    for verdict in verdicts:
+        print(verdict)
+    described = machine_line(machine(1))
+    command = "python benchmarks/fit_distillation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"machine: {described}; {time.perf_counter() - started:.0f} s this run")
+    if options["report"]:
+        data = Path(options["data"]).name if options["data"] else "the bundled digits"
+        write_report(Path(options["report"]), [
+            "# The fit network learning from the dense one: measured", "",
+            f"{options['model']}, KELS rate {options['rate']}, {options['generations']} generations of "
+            f"{options['epochs']} epochs, {options['per_class']} training images a class of {data}, "
+            f"{options['seeds']} seeds; test accuracy (%) on the held-out images, mean ± std over the seeds. "
+            f"Machine: {described}. Command: `{command.strip()}`.", "",
+            *markdown_table(header, rows), *[f"- {verdict}" for verdict in verdicts], ""])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script("fit_distillation.py", main))
