@@ -4,6 +4,8 @@ The pieces, each usable from your own code:
 
 * :func:`split` divides a model into a fit and a reset hypothesis (KELS or WELS);
 * :func:`reset_` re-draws the reset hypothesis between generations;
+* :mod:`kecompress.forgetting` holds what else can happen between generations (later-layer
+  forgetting, shrink and perturb, nothing) and how to write your own;
 * :func:`evolve` / :class:`Evolution` run the generation loop, calling your :class:`Callback`\\ s;
 * :func:`slice_fit` cuts the KELS fit hypothesis out as a slim network, :func:`fit_network`
   gives the fit network as a run measures it;

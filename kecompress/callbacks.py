@@ -44,7 +44,8 @@ class Callback:
         """A generation (counted from 1) starts, or resumes inside; its optimizer is ``loop.optimizer``."""
 
     def on_reset(self, loop: "Evolution", generation: int) -> None:
-        """The reset hypothesis was re-drawn before ``generation`` (from the second on)."""
+        """The run's forgetting strategy (KE's reset by default) changed the model before
+        ``generation`` (from the second on)."""
 
     def on_epoch_start(self, loop: "Evolution", generation: int, epoch: int) -> None:
         """An epoch (counted from 0) of ``generation`` starts."""

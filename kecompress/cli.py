@@ -28,6 +28,7 @@ from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
+from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
 from .report import RichProgress, finetune_line, generations_table
@@ -44,6 +45,7 @@ POSITIVE = click.IntRange(min=1)
 RATE = click.FloatRange(0, 1, min_open=True)
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 IMAGE_SIZE = click.IntRange(min=8)
+UNIT = click.FloatRange(0, 1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -82,6 +84,16 @@ def app():
 @click.option("--fit-batchnorm", type=click.Choice(FIT_BATCHNORM), default="re-estimated",
               help="the fit network's BatchNorm statistics: re-estimated on the training images for the fit "
                    "network alone, or inherited from the dense network (KE's paper)")
+@click.option("--forget", type=click.Choice(list(STRATEGIES)), default="ke",
+              help="what happens before every generation but the first: ke (re-draw the reset hypothesis, keep the "
+                   "fit), llf (re-draw every conv and linear layer from --forget-from on), shrink-perturb (shrink "
+                   "every parameter, add a fresh draw), none (nothing: only the new optimizer and schedule)")
+@click.option("--forget-from", metavar="NAME", default=None,
+              help="llf: the module to re-draw from, e.g. layer4 [default: the model's last stage]")
+@click.option("--shrink", type=UNIT, default=None,
+              help=f"shrink-perturb: the factor of the trained parameters [default: {ShrinkPerturb.shrink}]")
+@click.option("--perturb", type=UNIT, default=None,
+              help=f"shrink-perturb: the factor of the fresh draw [default: {ShrinkPerturb.perturb}]")
 @click.option("--distill-fit", is_flag=True,
               help="in-place distillation: every step also trains the fit network on the dense network's predictions")
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=1.0,
@@ -106,8 +118,9 @@ def app():
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
 def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
-           fit_batchnorm, distill_fit, distill_temperature, distill_weight, distill_label_weight, distill_start,
-           finetune_fit, device, precision, channels_last, compile_model, tensorboard, trust_model_file):
+           fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
+           distill_label_weight, distill_start, finetune_fit, device, precision, channels_last, compile_model,
+           tensorboard, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
@@ -121,6 +134,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     with distributed.fail_together(KecompressError, OSError):
         training = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                   warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
+        forgetting = _forgetting(forget, forget_from, shrink, perturb)
         torch_device = distributed.local_device(_device(device))
         MixedPrecision(precision, torch_device)
         if compile_model:
@@ -131,8 +145,8 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     config = RunConfig(model=model, num_classes=num_classes, split=split_method, rate=rate, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
-                       fit_batchnorm=fit_batchnorm, training=training, trust_model_file=trust_model_file,
-                       distill_fit=distillation and distillation.identity(),
+                       fit_batchnorm=fit_batchnorm, forget=forgetting, training=training,
+                       trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None)
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
     loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
@@ -143,7 +157,8 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
                  if distributed.is_distributed() else "")
     _print_on_main(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
-                   f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters; "
+                   f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters, "
+                   f"forgetting {describe(loop.run_config.forget)}; "
                    f"{len(loop.train_loader.dataset)} training / {val_images} validation images, "
                    f"{len(loop.run_config.classes)} classes; device {torch_device}, {precision}{processes}; "
                    f"run directory {out}")
@@ -154,6 +169,18 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                    f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
                    + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
                    f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method == "kels" else ""))
+
+
+def _forgetting(name: str, forget_from: str | None, shrink: float | None, perturb: float | None) -> dict:
+    """The ``--forget`` options as a run records them; an option of another strategy is refused."""
+    if forget_from is not None and name != "llf":
+        raise KecompressError(f"--forget-from applies to --forget llf, not --forget {name}: drop it or pass --forget llf")
+    tuning = {key: value for key, value in (("shrink", shrink), ("perturb", perturb)) if value is not None}
+    if tuning and name != "shrink-perturb":
+        raise KecompressError(f"--{next(iter(tuning))} applies to --forget shrink-perturb, not --forget {name}: "
+                              "drop it or pass --forget shrink-perturb")
+    options = {"llf": {"start": forget_from}, "shrink-perturb": tuning}.get(name, {})
+    return settings_of(from_settings({"name": name, **options}))
 
 
 def _print_on_main(message: str) -> None:

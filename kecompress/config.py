@@ -86,6 +86,7 @@ class RunConfig:
     batch_size: int | None = 32
     label_smoothing: float | None = 0.1
     fit_batchnorm: str = "re-estimated"
+    forget: dict = field(default_factory=lambda: {"name": "ke"})  # between generations (kecompress.forgetting)
     metric: str = "accuracy"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distill_fit: dict | None = None  # FitDistillation's settings; None: no in-place distillation
@@ -97,7 +98,8 @@ class RunConfig:
     # Settings that may differ between a run and its resumed continuation.
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
-    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress"}
+    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress",
+               "forget": {"name": "ke"}}
 
     @property
     def arch(self) -> str | None:

@@ -1,11 +1,11 @@
 """The generation loop of Knowledge Evolution: train, evaluate dense and fit, reset, repeat.
 
 Generation 1 trains the dense network. Every later generation starts from the previous
-generation's weights, re-draws the reset hypothesis (:func:`kecompress.reset_`), keeps the fit
-hypothesis bit for bit, and trains the whole network again with a new optimizer and the
-learning-rate schedule from its start. After every generation the dense network and the fit
-network (:func:`kecompress.slim.fit_network`) are evaluated; a target metric for the fit can end
-the run early.
+generation's weights, applies the run's forgetting strategy (:mod:`kecompress.forgetting`; by
+default KE's: re-draw the reset hypothesis, keep the fit hypothesis bit for bit), and trains the
+whole network again with a new optimizer and the learning-rate schedule from its start. After
+every generation the dense network and the fit network (:func:`kecompress.slim.fit_network`) are
+evaluated; a target metric for the fit can end the run early.
 
 The loop is made of parts, each owning one thing: :class:`~kecompress.progress.Progress` (where
 the run is, saved in every checkpoint), :class:`~kecompress.training.EpochLoop` (an epoch),
@@ -40,10 +40,10 @@ from .distributed import on_every_rank
 from .errors import KecompressError
 from .evaluation import accuracy, eval_mode, evaluate, parameter_count
 from .finetune import FinetuneStep, FitFinetuning
+from .forgetting import Forgetting, ResetHypothesis, for_model, settings_of
 from .interrupt import CtrlCGuard
 from .progress import Progress
 from .records import FinetuneRecord, GenerationRecord
-from .reset import reset_
 from .rundir import RunDirectory
 from .seeds import reset_seed
 from .slim import fit_network
@@ -91,6 +91,10 @@ class Evolution:
         run_config: the run's :class:`~kecompress.config.RunConfig` when the model, data and
             loss were built from one (:func:`kecompress.experiment.build`); by default one is
             made from the arguments, marking the data as the caller's own loaders.
+        forgetting: what happens to the network before every generation but the first
+            (:mod:`kecompress.forgetting`): KE's reset by default, or ``LaterLayers()``,
+            ``ShrinkPerturb()``, ``WarmRestart()``, or an object of your own with a
+            ``forget_(model, split, seed=None)`` method. Part of the run's identity.
 
     Under torchrun, with a process group initialised (:func:`kecompress.distributed.setup`),
     training runs through ``DistributedDataParallel``: give ``train_loader`` a
@@ -113,8 +117,9 @@ class Evolution:
                  device: torch.device | str = "cpu", example_inputs=None,
                  run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
                  precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
-                 fit_batchnorm: str = "re-estimated", fit_distillation: FitDistillation | None = None,
-                 finetune_fit: int | FitFinetuning | None = None, run_config: RunConfig | None = None):
+                 fit_batchnorm: str = "re-estimated", forgetting: Forgetting | None = None,
+                 fit_distillation: FitDistillation | None = None, finetune_fit: int | FitFinetuning | None = None,
+                 run_config: RunConfig | None = None):
         split.check_matches(model)
         if fit_batchnorm not in FIT_BATCHNORM:
             raise KecompressError(f"fit_batchnorm must be one of {', '.join(FIT_BATCHNORM)}, got {fit_batchnorm!r}")
@@ -142,11 +147,12 @@ class Evolution:
         self.metric_fn, self.metric_name = metric_fn, metric_name
         self.fit_batchnorm = fit_batchnorm
         self.example_inputs = example_inputs
+        self.forgetting = for_model(ResetHypothesis() if forgetting is None else forgetting, self.model)
         self.run_config = run_config or RunConfig(
             model=None, split=split.method, rate=split.rate, seed=split.seed, val_fraction=None,
             batch_size=getattr(train_loader, "batch_size", None), label_smoothing=None,
-            fit_batchnorm=fit_batchnorm, metric=metric_name, training=self.config,
-            distill_fit=fit_distillation and fit_distillation.identity(),
+            fit_batchnorm=fit_batchnorm, forget=settings_of(self.forgetting), metric=metric_name,
+            training=self.config, distill_fit=fit_distillation and fit_distillation.identity(),
             finetune_fit=self.finetuning and self.finetuning.identity(),
             world_size=distributed.world_size(), loaders="python")
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
@@ -231,7 +237,7 @@ class Evolution:
         resumed_inside = progress.inside_generation()
         if not resumed_inside:
             if generation > 1:
-                reset_(self.model, self.split, seed=reset_seed(self.config.seed, generation))
+                self.forgetting.forget_(self.model, self.split, seed=reset_seed(self.config.seed, generation))
                 self.call("on_reset", generation)
             self.start_optimizer()
         self.call("on_generation_start", generation)

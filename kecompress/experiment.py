@@ -32,6 +32,7 @@ from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evolution import Evolution
 from .files import remove_stale_temporaries
+from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
 from .split import Split, split as make_split
@@ -58,10 +59,11 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
     ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
     from ``config.seed``; the split is drawn (or, resuming,
-    read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``. With
+    read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``; the
+    forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
     ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
     the directory holds this run, then continues from its last checkpoint. The returned loop's
-    ``run_config`` is ``config`` completed (classes, image size, processes).
+    ``run_config`` is ``config`` completed (classes, image size, processes, LLF's start).
 
     Example:
         >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
@@ -75,10 +77,12 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         num_classes = config.num_classes or len(classes)  # a model for other classes is refused below
         config = replace(config, num_classes=len(classes), classes=list(classes),
                          image_size=example_inputs.shape[-1], world_size=distributed.world_size())
-        if resume and distributed.is_main():
-            run_dir.check_same_run(config)
         torch.manual_seed(config.seed)
         model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        forgetting = for_model(from_settings(config.forget), model)
+        config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
+        if resume and distributed.is_main():
+            run_dir.check_same_run(config)
         outputs = output_features(model, example_inputs)
         if outputs != len(classes):
             raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
@@ -106,7 +110,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
                          device=device, example_inputs=example_inputs.to(device), run_dir=run_dir and run_dir.path,
                          callbacks=callbacks, precision=precision, channels_last=channels_last,
-                         compile_model=compile_model, fit_batchnorm=config.fit_batchnorm,
+                         compile_model=compile_model, fit_batchnorm=config.fit_batchnorm, forgetting=forgetting,
                          fit_distillation=FitDistillation(**config.distill_fit) if config.distill_fit else None,
                          finetune_fit=FitFinetuning(**config.finetune_fit) if config.finetune_fit else None,
                          run_config=config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .seeds import drawing_from
 from .split import Split
 
 
@@ -37,10 +38,7 @@ def reset_(model: nn.Module, split: Split, seed: int | None = None) -> nn.Module
         True
     """
     split.check_matches(model)
-    cuda_devices = sorted({param.device.index or 0 for param in model.parameters() if param.is_cuda})
-    with torch.random.fork_rng(devices=cuda_devices):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with drawing_from(seed, model):
         for module_name, module in model.named_modules():
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue

@@ -30,6 +30,7 @@ import torch.nn as nn
 from .config import RunConfig, TrainingConfig
 from .errors import KecompressError
 from .files import atomic_path, save_json, save_torch
+from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
 from .slim import slice_fit
@@ -126,7 +127,8 @@ class RunDirectory:
         split = state.get("split") or {}
         training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
         return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"),
-                       training=TrainingConfig(**training), world_size=state.get("world_size", 1))
+                       training=TrainingConfig(**training), world_size=state.get("world_size", 1),
+                       forget={"name": "ke"})  # the one strategy of the versions that wrote such directories
 
     # -- during the run: checkpoint and metrics ----------------------------------------------
     def write_checkpoint(self, state: dict) -> None:
@@ -208,7 +210,8 @@ class RunDirectory:
         if config.model is None:
             return None
         data = Path(config.data).name if config.data else "the digits demo"
-        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}, on {data}"
+        forgetting = f", forgetting {describe(config.forget)}" if config.forget != {"name": "ke"} else ""
+        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{forgetting}, on {data}"
 
     # -- the end: the final dense and fit networks -------------------------------------------
     def save_final(self, model: nn.Module, fit: nn.Module | None, split: Split, config: RunConfig,

@@ -8,7 +8,11 @@ earlier versions, so that their runs resume bit for bit.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn as nn
 
 _MODULUS = 2 ** 63
 
@@ -42,6 +46,26 @@ def batchnorm_seed(seed: int) -> int:
         True
     """
     return epoch_seed(seed, 0, -2)
+
+
+@contextmanager
+def drawing_from(seed: int | None, model: nn.Module) -> Iterator[None]:
+    """Inside the block, torch draws from ``seed`` (or, when None, from its global generators as
+    they are); afterwards the generators of the CPU and of the GPUs ``model`` is on are as they
+    were, so a re-draw between generations leaves the data order and augmentation untouched.
+
+    Example:
+        >>> with drawing_from(5, torch.nn.Linear(2, 2)):
+        ...     first = torch.rand(2)
+        >>> with drawing_from(5, torch.nn.Linear(2, 2)):
+        ...     bool(torch.equal(torch.rand(2), first))
+        True
+    """
+    cuda_devices = sorted({param.device.index or 0 for param in model.parameters() if param.is_cuda})
+    with torch.random.fork_rng(devices=cuda_devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def rank_seed(seed: int, rank: int) -> int:

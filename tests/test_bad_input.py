@@ -92,6 +92,14 @@ EVOLVE = [
     (["evolve", "shufflenet_v2_x0_5"], "dependency graph"),
     (["evolve", "resnet18", "--precision", "fp8"], "precision"),
     (["evolve", "{mlp_pt}", "--channels-last"], "drop --channels-last"),
+    (["evolve", "resnet18", "--forget", "llf", "--forget-from", "nosuch"],
+     "nosuch names no module of this model: pass one of conv1, layer1, layer2, layer3, layer4, fc"),
+    (["evolve", "{mlp_pt}", "--forget", "llf"], "pass --forget-from"),
+    (["evolve", "resnet18", "--forget", "shrink-perturb", "--shrink", "2"], "--shrink"),
+    (["evolve", "resnet18", "--forget", "shrink-perturb", "--perturb", "-0.1"], "--perturb"),
+    (["evolve", "resnet18", "--forget-from", "layer4"], "applies to --forget llf"),
+    (["evolve", "resnet18", "--forget", "none", "--shrink", "0.5"], "applies to --forget shrink-perturb"),
+    (["evolve", "resnet18", "--forget", "everything"], "--forget"),
 ]
 
 EXPORT = [
