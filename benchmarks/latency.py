@@ -101,7 +101,8 @@ def write_markdown(path: Path, results: dict, timings: list[dict], args, command
         "",
     ]
     for threads in args.threads:
-        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "", *markdown_table(HEADER, rows(results, threads))]
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
+                  *markdown_table(HEADER, rows(results, threads))]
     lines += ["## Tool timings", "", *markdown_table(
         ["torch threads", "split + slice ResNet50 (target < 5 s)",
          "export + parity check of ResNet18 dense and fit (target < 30 s)"],
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
     parser.add_argument("--runs", type=at_least(1), default=50, help="timed runs of each network (default 50)")
-    parser.add_argument("--warmup", type=at_least(0), default=10, help="untimed runs of each network first (default 10)")
+    parser.add_argument("--warmup", type=at_least(0), default=10,
+                        help="untimed runs of each network first (default 10)")
     parser.add_argument("--threads", type=lambda text: [at_least(1)(part) for part in text.split(",")],
                         default=[1, 2], help="comma-separated CPU thread counts (default 1,2)")
     args = parser.parse_args(argv)
