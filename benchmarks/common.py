@@ -1,5 +1,5 @@
 """What the benchmarks share: how busy the machine was, interleaved rounds with the noisy ones
-replaced, the machine's description, the digits run the overhead benchmarks train, and tables.
+replaced, the machine's description, the digits run the overhead benchmarks train, and tables and reports.
 
 Standard library only at module level: train_overhead.py and ddp_scaling.py import it before
 they spawn processes that must start small or set their threads before torch; everything heavy
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,30 +101,25 @@ class Rounds:
     def run(self, measure: Callable[[str, int], Watched]) -> "Rounds":
         """Measure ``measure(side, round_index)`` round after round until enough are clean."""
         started = time.monotonic()
-        while min(map(self.clean_count, self.sides)) < self.wanted and len(self.rounds) < self.max_rounds and (
-                time.monotonic() - started < self.time_limit or len(self.rounds) < 3):
+        while (min(len(self.clean(side)) for side in self.sides) < self.wanted and len(self.rounds) < self.max_rounds
+               and (time.monotonic() - started < self.time_limit or len(self.rounds) < 3)):
             shift = len(self.rounds) % len(self.sides)
             order = self.sides[shift:] + self.sides[:shift]
             self.rounds.append({side: measure(side, len(self.rounds)) for side in order})
         return self
 
-    def quiet(self, watched: Watched) -> bool:
-        return watched.other_cpus is None or watched.other_cpus <= self.quiet_cpus
-
-    def _clean(self, side: str) -> list[Watched]:
-        if self.paired:
-            return [round_[side] for round_ in self.rounds if all(map(self.quiet, round_.values()))]
-        return [round_[side] for round_ in self.rounds if self.quiet(round_[side])]
-
-    def clean_count(self, side: str) -> int:
-        return len(self._clean(side))
+    def clean(self, side: str) -> list[Watched]:
+        """The measurements of ``side`` no other process disturbed (nor, paired, any of its round's)."""
+        quiet = lambda watched: watched.other_cpus is None or watched.other_cpus <= self.quiet_cpus  # noqa: E731
+        return [round_[side] for round_ in self.rounds
+                if all(map(quiet, round_.values() if self.paired else [round_[side]]))]
 
     def noisy(self, side: str) -> bool:
         """Whether ``side`` had too few clean measurements, so that all of them are used."""
-        return self.clean_count(side) < min(3, self.wanted)
+        return len(self.clean(side)) < min(3, self.wanted)
 
     def used(self, side: str) -> list[Watched]:
-        return [round_[side] for round_ in self.rounds] if self.noisy(side) else self._clean(side)
+        return [round_[side] for round_ in self.rounds] if self.noisy(side) else self.clean(side)
 
     def results(self, side: str) -> list:
         """What ``side`` measured in the rounds used, in their order."""
@@ -178,51 +174,26 @@ def machine_line(described: dict) -> str:
 
 
 # -- the digits run the overhead benchmarks train -------------------------------------------------
-def digits_config(epochs: int, **fields):
-    """The :class:`~kecompress.RunConfig` of ``kecompress evolve`` on the bundled digits with
-    ``fields`` (model, batch_size, ...), one generation of ``epochs`` epochs: enough that no timed
-    epoch runs past the end of the schedule, which every timed epoch steps.
+def digits_run(samples: int, epochs: int, **fields):
+    """The configuration of ``kecompress evolve`` on the bundled digits with ``fields`` (model,
+    batch_size, ...) and one generation of ``epochs`` epochs (enough that no timed epoch runs past
+    the end of the schedule, which every timed epoch steps), and its data, the training set cut to
+    its first ``samples`` images (0: all) to keep an epoch short: the arguments of
+    :func:`kecompress.experiment.build`.
 
     Example:
-        >>> digits_config(3, model="resnet18").training.epochs
-        3
-    """
-    from kecompress.config import RunConfig, TrainingConfig
-
-    return RunConfig(**fields, training=TrainingConfig(generations=1, epochs=epochs))
-
-
-def digits_data(config, samples: int):
-    """The data of ``config``, its training set cut to its first ``samples`` images (0: all) to
-    keep an epoch short.
-
-    Example:
-        >>> train, val, classes = digits_data(digits_config(1), samples=64)
-        >>> len(train), len(classes)
-        (64, 10)
+        >>> config, (train, val, classes) = digits_run(64, epochs=3, model="resnet18")
+        >>> len(train), config.training.epochs
+        (64, 3)
     """
     from torch.utils.data import Subset
 
     from kecompress import experiment
+    from kecompress.config import RunConfig, TrainingConfig
 
+    config = RunConfig(**fields, training=TrainingConfig(generations=1, epochs=epochs))
     train, val, classes = experiment.load_data(config)
-    return (Subset(train, range(min(samples, len(train)))) if samples else train), val, classes
-
-
-def digits_loop(config, samples: int, **build_options):
-    """The evolve loop :func:`kecompress.experiment.build` makes of ``config`` on
-    :func:`digits_data`, with the optimizer of its first generation.
-
-    Example:
-        >>> loop = digits_loop(digits_config(1, model="resnet18"), samples=64)
-        >>> len(loop.train_loader), loop.optimizer is not None
-        (2, True)
-    """
-    from kecompress import experiment
-
-    loop = experiment.build(config, digits_data(config, samples), **build_options)
-    loop.start_optimizer()
-    return loop
+    return config, ((Subset(train, range(min(samples, len(train)))) if samples else train), val, classes)
 
 
 # -- command lines and reports -------------------------------------------------------------------
@@ -242,6 +213,58 @@ def at_least(least: float, kind: type = int) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
         return value
     return parse
+
+
+def rounds_parser(description: str, *, samples: int, rounds: int, time_limit: float,
+                  quiet_cpus: float) -> argparse.ArgumentParser:
+    """The options of a benchmark that times epochs of the digits run in :class:`Rounds`.
+
+    Example:
+        >>> options = parse_rounds(rounds_parser("demo", samples=64, rounds=5, time_limit=60, quiet_cpus=0.1), [])
+        >>> options["max_rounds"], options["model"]
+        (10, 'resnet18')
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="resnet18", help="torchvision architecture, random init")
+    parser.add_argument("--image-size", type=at_least(1), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="per process, as kecompress evolve's")
+    parser.add_argument("--samples", type=at_least(0), default=samples,
+                        help="train on the first N training images only (0: all) to keep an epoch short")
+    parser.add_argument("--rounds", type=at_least(1), default=rounds, help="clean rounds wanted of every side")
+    parser.add_argument("--max-rounds", type=at_least(0), default=0,
+                        help="rounds to run at most while looking for --rounds clean ones (0: twice --rounds)")
+    parser.add_argument("--time-limit", type=at_least(0, float), default=time_limit,
+                        help="seconds after which no further round starts (at least 3 rounds run)")
+    parser.add_argument("--quiet-cpus", type=at_least(0, float), default=quiet_cpus,
+                        help="a round is clean when other processes used at most this many CPUs meanwhile")
+    parser.add_argument("--json", action="store_true", help="print the results, and every round, as JSON")
+    return parser
+
+
+def parse_rounds(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict:
+    """The options :func:`rounds_parser` reads, as a dict, with --max-rounds filled in."""
+    options = vars(parser.parse_args(argv))
+    options["max_rounds"] = max(options["max_rounds"] or 2 * options["rounds"], options["rounds"])
+    return options
+
+
+def run_script(name: str, main: Callable[[], int]) -> int:
+    """``main()``'s exit status; a :class:`~kecompress.KecompressError` (a bad setting, model or
+    data) ends it in one line naming the script, with status 2, as the command line does.
+
+    Example:
+        >>> run_script("demo", lambda: 0)
+        0
+    """
+    try:
+        return main()
+    except Exception as error:
+        from kecompress.errors import KecompressError  # only now: some scripts must start without torch
+
+        if not isinstance(error, KecompressError):
+            raise
+        print(f"{name}: {error}", file=sys.stderr)
+        return 2
 
 
 def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]):

@@ -29,7 +29,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -43,8 +42,8 @@ from pathlib import Path
 # sets its thread count (OMP_NUM_THREADS) before it imports torch.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from common import (Rounds, at_least, digits_config, digits_loop, machine, machine_line,  # noqa: E402
-                    markdown_table, own_cpu_seconds, watch)
+from common import (Rounds, digits_run, machine, machine_line, markdown_table, own_cpu_seconds,  # noqa: E402
+                    parse_rounds, rounds_parser, run_script, watch)
 
 BASELINE = "1 process x 1 thread"
 
@@ -88,10 +87,7 @@ def worker(config: dict, rank: int, port: int, options: dict, commands, results)
     distributed.setup(config["device"])
     device = distributed.local_device(torch.device(config["device"]))
     counter = ImageCounter()
-    run = digits_config(options["max_rounds"] + 2, model=options["model"], image_size=options["image_size"],
-                        batch_size=options["batch_size"])
-    loop = digits_loop(run, options["samples"], device=device, precision=options["precision"],
-                       channels_last=options["channels_last"], compile_model=options["compile"], callbacks=[counter])
+    loop = build_loop(options, device=device, callbacks=[counter])
     loop.train_epoch(1, 0)  # warm-up (and compilation, if asked)
     results.put({"ready": config["name"], "rank": rank})
     while (epoch := commands.get()) is not None:
@@ -104,6 +100,16 @@ def worker(config: dict, rank: int, port: int, options: dict, commands, results)
         results.put({"rank": rank, "seconds": time.perf_counter() - started,
                      "cpu_seconds": own_cpu_seconds() - cpu_before, "images": counter.images})
     distributed.teardown()
+
+
+def build_loop(options: dict, **build_options):
+    """The evolve loop of ``kecompress evolve`` on --samples digits, as --precision etc. ask."""
+    from kecompress import experiment
+
+    run = digits_run(options["samples"], options["max_rounds"] + 2, model=options["model"],
+                     image_size=options["image_size"], batch_size=options["batch_size"])
+    return experiment.build(*run, precision=options["precision"], channels_last=options["channels_last"],
+                            compile_model=options["compile"], **build_options)
 
 
 def _free_port() -> int:
@@ -155,7 +161,7 @@ def summarise(options: dict, configs: list[dict], rounds: Rounds) -> dict:
         used = rounds.results(config["name"])
         rates = [result["images_per_second"] for result in used]
         rows.append({**config, "median": statistics.median(rates), "min": min(rates), "max": max(rates),
-                     "rounds_used": len(used), "rounds_clean": rounds.clean_count(config["name"]),
+                     "rounds_used": len(used), "rounds_clean": len(rounds.clean(config["name"])),
                      "rounds_run": len(rounds.rounds), "noisy": rounds.noisy(config["name"]),
                      "other_cpus": rounds.other_cpus(config["name"]), "images_per_epoch": used[0]["images"]})
     baselines = {"cpu": next(row["median"] for row in rows if row["name"] == BASELINE),
@@ -184,43 +190,16 @@ def print_table(summary: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="resnet18", help="torchvision architecture, random init")
-    parser.add_argument("--image-size", type=at_least(1), default=32)
-    parser.add_argument("--batch-size", type=at_least(1), default=32, help="per process, as kecompress evolve's")
-    parser.add_argument("--samples", type=at_least(1), default=512, help="training images an epoch, all ranks together")
-    parser.add_argument("--rounds", type=at_least(1), default=7, help="clean rounds wanted of every configuration")
-    parser.add_argument("--max-rounds", type=at_least(0), default=0, help="rounds at most (0: three times --rounds)")
-    parser.add_argument("--time-limit", type=at_least(0, float), default=600,
-                        help="seconds after which no further round starts (at least 3 rounds run)")
-    parser.add_argument("--quiet-cpus", type=at_least(0, float), default=0.2,
-                        help="a round is clean when other processes used at most this many CPUs meanwhile")
+    parser = rounds_parser(__doc__.split("\n\n")[0], samples=512, rounds=7, time_limit=600, quiet_cpus=0.2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the summary and every round as JSON")
-    options = vars(parser.parse_args(argv))
-    options["max_rounds"] = max(options["max_rounds"] or 3 * options["rounds"], options["rounds"])
-    return options
-
-
-def check_settings(options: dict) -> None:
-    """Build the run once here, so that a bad model or option ends in one line before any worker starts."""
-    run = digits_config(1, model=options["model"], image_size=options["image_size"], batch_size=options["batch_size"])
-    digits_loop(run, options["batch_size"], precision=options["precision"], channels_last=options["channels_last"],
-                compile_model=options["compile"])
+    return parse_rounds(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    from kecompress.errors import KecompressError  # not at module level: see the imports at the top
-
-    try:
-        check_settings(options)
-    except KecompressError as error:
-        print(f"ddp_scaling: {error}", file=sys.stderr)
-        return 2
+    build_loop(options)  # once here, so that a bad model or option ends in one line before any worker starts
     configs, rounds = measure(options)
     summary = summarise(options, configs, rounds)
     if options["json"]:
@@ -233,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("ddp_scaling", main))

@@ -43,7 +43,7 @@ import torch.nn as nn
 from rich.console import Console
 
 import kecompress
-from common import at_least, machine, machine_line, markdown_table, rich_table, write_report
+from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
 from kecompress import data as datasets
 from kecompress import experiment
 from kecompress.callbacks import Callback
@@ -490,14 +490,10 @@ def main(argv=None) -> int:
         "kecompress": kecompress.__version__, "torch": torch.__version__,
         "job_format": JOB_FORMAT,
     }
-    try:  # fail here, in one line, on settings or data that cannot give the small-data regime
-        check_rate(args.rate)
-        pool, test, classes = experiment.load_data(run_config(settings, generations=args.generations,
-                                                              epochs=args.epochs))
-        training_images(pool, classes, settings, seed=0)
-    except kecompress.KecompressError as error:
-        print(f"ke_accuracy: {error}", file=sys.stderr)
-        return 2
+    # Fail here, in one line, on settings or data that cannot give the small-data regime.
+    check_rate(args.rate)
+    pool, test, classes = experiment.load_data(run_config(settings, generations=args.generations, epochs=args.epochs))
+    training_images(pool, classes, settings, seed=0)
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     def job_path(arm: str, seed: int) -> Path:  # named by the settings too: other settings keep their own jobs
@@ -541,4 +537,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("ke_accuracy", main))

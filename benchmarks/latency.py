@@ -25,10 +25,10 @@ import torch
 from rich.console import Console
 
 import kecompress
-from common import at_least, machine, machine_line, markdown_table, rich_table, write_report
+from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
 from kecompress.bench import LatencyResult, latency_cells, measure_latency
 from kecompress.export import export_pair
-from kecompress.models import build_model, classification_architectures
+from kecompress.models import build_model
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_small", "efficientnet_b0",
           "vgg11_bn", "regnet_x_400mf"]
@@ -153,9 +153,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=lambda text: [at_least(1)(part) for part in text.split(",")],
                         default=[1, 2], help="comma-separated CPU thread counts (default 1,2)")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.models.split(",") if name.strip() not in classification_architectures()]
-    if unknown:
-        parser.error(f"unknown torchvision architecture(s) {', '.join(unknown)}: e.g. {MODELS[0]}")
     console = Console(width=200)  # the tables are wide; logs are not terminals
     command = "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start_load = os.getloadavg()[0]
@@ -192,4 +189,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("latency", main))

@@ -28,7 +28,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -46,15 +45,26 @@ from pathlib import Path
 # already trained a network would hide the children's own peaks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from common import (Rounds, at_least, digits_config, digits_data, digits_loop, machine,  # noqa: E402
-                    machine_line, rich_table, timed, watch)
+from common import (Rounds, at_least, digits_run, machine, machine_line, parse_rounds, rich_table,  # noqa: E402
+                    rounds_parser, run_script, timed, watch)
 
 TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10}
 
 
-def run_config(options: dict):
-    return digits_config(options["epochs_in_schedule"], model=options["model"], batch_size=options["batch_size"],
-                         rate=options["rate"], image_size=options["image_size"])
+def digits(options: dict):
+    """The run both sides train, and its data (common.digits_run)."""
+    return digits_run(options["samples"], options["epochs_in_schedule"], model=options["model"],
+                      batch_size=options["batch_size"], rate=options["rate"], image_size=options["image_size"])
+
+
+def evolve_loop(options: dict, display):
+    """The evolve loop of the run, as ``kecompress evolve`` builds it, with its first optimizer."""
+    from kecompress import experiment
+
+    loop = experiment.build(*digits(options), callbacks=[display])
+    loop.start_optimizer()
+    loop.call("on_generation_start", 1)  # as the loop does when a generation starts
+    return loop
 
 
 def quiet_display():
@@ -67,23 +77,6 @@ def quiet_display():
     # console would skip the rendering and under-count its cost.
     console = Console(file=open(os.devnull, "w"), force_terminal=True, width=120, color_system="truecolor")
     return RichProgress(1, console=console)
-
-
-def plain_setup(config, samples: int):
-    """What a plain PyTorch script sets up for the same run: the model, loader, loss and optimizer
-    ``kecompress.experiment.build`` makes, without the split and the loop."""
-    import torch
-
-    from kecompress.data import make_loaders
-    from kecompress.models import build_model
-    from kecompress.training import make_optimizer
-
-    train, val, classes = digits_data(config, samples)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, len(classes))
-    loader, _ = make_loaders(train, val, config.batch_size, config.seed)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return model, loader, loss_fn, *make_optimizer(model, config.training, len(loader))
 
 
 def plain_epoch(model, loader, optimizer, schedule, loss_fn) -> None:
@@ -120,8 +113,7 @@ def measure_times(options: dict) -> dict:
     display = quiet_display()
     # One model, one optimizer and one schedule, which both loops take turns to train (separate
     # copies would also differ in where their weights and momentum buffers sit in memory).
-    loop = digits_loop(run_config(options), options["samples"], callbacks=[display])
-    loop.call("on_generation_start", 1)  # as the loop does when a generation starts
+    loop = evolve_loop(options, display)
     model, loader, steps = loop.model, loop.train_loader, len(loop.train_loader)
     sides = {"plain": lambda epoch: timed(lambda: plain_epoch(model, loader, loop.optimizer, loop.schedule,
                                                               loop.loss_fn)),
@@ -176,18 +168,24 @@ def memory_child(side: str, options: dict) -> dict:
     import kecompress
     import kecompress.experiment  # noqa: F401  (the data, the models)
     import kecompress.report  # noqa: F401  (rich)
+    from kecompress.data import make_loaders
+    from kecompress.models import build_model
+    from kecompress.training import make_optimizer
 
     imported_kib = max_rss_kib()
     torch.set_num_threads(options["threads"])
-    config = run_config(options)
-    if side == "plain":
-        model, loader, loss_fn, optimizer, schedule = plain_setup(config, options["samples"])
+    if side == "plain":  # what a plain script sets up: build()'s model, loader, loss, optimizer; no split or loop
+        config, (train, val, classes) = digits(options)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, len(classes))
+        loader, _ = make_loaders(train, val, config.batch_size, config.seed)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        optimizer, schedule = make_optimizer(model, config.training, len(loader))
         seconds = timed(lambda: [plain_epoch(model, loader, optimizer, schedule, loss_fn)
                                  for _ in range(options["memory_epochs"])])
     else:
         display = quiet_display()
-        loop = digits_loop(config, options["samples"], callbacks=[display])
-        loop.call("on_generation_start", 1)
+        loop = evolve_loop(options, display)
 
         def evolve_epochs() -> None:
             for epoch in range(options["memory_epochs"]):
@@ -236,7 +234,7 @@ def summarise(options: dict, times: dict, memory: dict) -> dict:
         "machine": {**machine(options["threads"]), "other_processes_cpus_during_rounds": rounds.other_cpus()},
         "settings": {key: options[key] for key in ("model", "batch_size", "samples", "rate", "rounds", "resets",
                                                    "image_size", "memory_epochs", "quiet_cpus")}
-                    | {"rounds_run": len(rounds.rounds), "rounds_clean": rounds.clean_count("plain"),
+                    | {"rounds_run": len(rounds.rounds), "rounds_clean": len(rounds.clean("plain")),
                        "rounds_used": len(plain_s), "train_samples": times["train_samples"],
                        "steps_per_epoch": times["steps_per_epoch"], "data": "kecompress demo digits", "split": "kels"},
         "plain_epoch_median_s": plain,
@@ -344,31 +342,14 @@ def print_table(summary: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="resnet18", help="torchvision architecture, random init")
-    parser.add_argument("--batch-size", type=at_least(1), default=32)
-    parser.add_argument("--samples", type=at_least(0), default=640,
-                        help="use only the first N training images (0: all) to keep an epoch short")
-    parser.add_argument("--rounds", type=at_least(1), default=30, help="clean interleaved rounds wanted")
-    parser.add_argument("--max-rounds", type=at_least(0), default=0,
-                        help="rounds to run at most while looking for --rounds clean ones (0: twice --rounds)")
-    parser.add_argument("--time-limit", type=at_least(0, float), default=300,
-                        help="seconds after which no further rounds start (at least 3 rounds run)")
-    parser.add_argument("--quiet-cpus", type=at_least(0, float), default=0.1,
-                        help="a round is clean when other processes used at most this many CPUs meanwhile")
+    parser = rounds_parser(__doc__.split("\n\n")[0], samples=640, rounds=30, time_limit=300, quiet_cpus=0.1)
     parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1, help="torch.set_num_threads")
     parser.add_argument("--resets", type=at_least(1), default=7, help="timed reset_ calls")
     parser.add_argument("--rate", type=float, default=0.5, help="KELS split rate")
-    parser.add_argument("--image-size", type=at_least(1), default=32)
     parser.add_argument("--memory-epochs", type=at_least(1), default=2, help="epochs each memory child trains")
     parser.add_argument("--breakdown", action="store_true",
                         help="also interleave the evolve loop without callbacks, to attribute the overhead")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    options = vars(parser.parse_args(argv))
-    if not 0 < options["rate"] <= 1:
-        parser.error(f"--rate must be in (0, 1], got {options['rate']}")
-    options["max_rounds"] = max(options["max_rounds"] or 2 * options["rounds"], options["rounds"])
+    options = parse_rounds(parser, argv)
     # Every side steps the one shared schedule: make it long enough that no epoch runs past its end.
     options["epochs_in_schedule"] = 3 * (options["max_rounds"] + 1) + options["memory_epochs"]
     return options
@@ -376,16 +357,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    try:
-        memory = measure_memory(options)  # first, while this process is still small (see the imports)
-        summary = summarise(options, measure_times(options), memory)
-    except Exception as error:
-        from kecompress.errors import KecompressError  # only now: see the imports at the top
-
-        if not isinstance(error, KecompressError):
-            raise
-        print(f"train_overhead: {error}", file=sys.stderr)
-        return 2
+    memory = measure_memory(options)  # first, while this process is still small (see the imports)
+    summary = summarise(options, measure_times(options), memory)
     if options["json"]:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -394,4 +367,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("train_overhead", main))
