@@ -188,26 +188,15 @@ def ratio(values: list[float]) -> str:
 
 
 def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
-    """Per-seed lists of the numbers the report compares."""
+    """Per-seed lists of the numbers the report compares: KE's per generation, the baselines' at their end."""
+    keys = {"dense": "dense_accuracy", "fit": "fit_accuracy", "fit_cut": "fit_as_cut_accuracy",
+            "agreement": "agreement", "scale": "reset_bn_scale"}
     ke = [jobs["ke", seed]["history"] for seed in seeds]
-    long = [jobs["long", seed]["history"][-1] for seed in seeds]
-    small = [jobs["small", seed]["history"][-1] for seed in seeds]
-    last = generations - 1
-    return {
-        "dense": [[history[g]["dense_accuracy"] for history in ke] for g in range(generations)],
-        "fit": [[history[g]["fit_accuracy"] for history in ke] for g in range(generations)],
-        "fit_cut": [[history[g]["fit_as_cut_accuracy"] for history in ke] for g in range(generations)],
-        "long_dense": [record["dense_accuracy"] for record in long],
-        "long_fit": [record["fit_accuracy"] for record in long],
-        "long_fit_cut": [record["fit_as_cut_accuracy"] for record in long],
-        "agreement": [[history[g]["agreement"] for history in ke] for g in range(generations)],
-        "scale": [[history[g]["reset_bn_scale"] for history in ke] for g in range(generations)],
-        "long_agreement": [record["agreement"] for record in long],
-        "long_scale": [record["reset_bn_scale"] for record in long],
-        "small": [record["dense_accuracy"] for record in small],
-        "n1": [history[0]["dense_accuracy"] for history in ke],
-        "last": last,
-    }
+    summary = {name: [[history[g][key] for history in ke] for g in range(generations)] for name, key in keys.items()}
+    for name, key in keys.items():
+        summary[f"long_{name}"] = [jobs["long", seed]["history"][-1][key] for seed in seeds]
+    return {**summary, "n1": summary["dense"][0], "last": generations - 1,
+            "small": [jobs["small", seed]["history"][-1]["dense_accuracy"] for seed in seeds]}
 
 
 def paired(first: list[float], second: list[float]) -> list[float]:
