@@ -469,16 +469,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     cores = os.cpu_count() or 1
-    settings = {
-        "data": str(Path(args.data).resolve()) if args.data else None, "arch": args.arch,
-        "image_size": args.image_size or (datasets.FOLDER_IMAGE_SIZE if args.data else datasets.DEMO_IMAGE_SIZE),
-        "per_class": args.per_class, "test_fraction": args.test_fraction, "generations": args.generations,
-        "epochs": args.epochs, "rate": args.rate, "lr": args.lr, "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-        "device": args.device, "threads": max(1, cores // args.workers) if args.device == "cpu" else cores,
-        "kecompress": kecompress.__version__, "torch": torch.__version__,
-        "job_format": JOB_FORMAT,
-    }
+    # What makes a job the same job (and names its file): every option but where and how many run.
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("seeds", "workers", "work_dir", "out_dir")}
+    default_size = datasets.FOLDER_IMAGE_SIZE if args.data else datasets.DEMO_IMAGE_SIZE
+    settings.update(data=str(Path(args.data).resolve()) if args.data else None,
+                    image_size=args.image_size or default_size,
+                    threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
+                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
     # Fail here, in one line, on settings or data that cannot give the small-data regime.
     check_rate(args.rate)
     pool, test, classes = experiment.load_data(run_config(settings, generations=args.generations, epochs=args.epochs))
