@@ -41,18 +41,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from rich.console import Console
-from rich.table import Table
 
 import kecompress
+from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
 from kecompress import data as datasets
-from kecompress.bench import machine_description
-from kecompress.evolution import Evolution, Reporter, TrainingConfig, accuracy, evaluate
+from kecompress import experiment
+from kecompress.callbacks import Callback
+from kecompress.config import RunConfig, TrainingConfig
+from kecompress.evaluation import accuracy, eval_mode, evaluate
+from kecompress.evolution import Evolution
 from kecompress.files import atomic_path, save_json
-from kecompress.models import build_model
+from kecompress.slim import fit_network
 from kecompress.split import check_rate
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ANALYSIS = "<!-- ANALYSIS: everything below this line is written by hand and kept when the benchmark reruns -->"
 ARMS = ("ke", "long", "small")
 JOB_FORMAT = 1  # raise when a job's record changes, so that jobs kept from before are run again
 console = Console(width=160)  # logs are not terminals; keep the tables whole
@@ -60,14 +62,13 @@ console = Console(width=160)  # logs are not terminals; keep the tables whole
 
 # --- one job: one arm, one seed ------------------------------------------------------------
 
-def load_data(settings: dict):
-    """Training pool, fixed test set and class names; the test set is the same for every seed."""
-    if settings["data"] is None:
-        pool, test, classes = datasets.demo_datasets(settings["image_size"], settings["test_fraction"], seed=0)
-    else:
-        pool, test, classes = datasets.image_folder_datasets(settings["data"], settings["image_size"],
-                                                             settings["test_fraction"], seed=0)
-    return pool, test, classes
+def run_config(settings: dict, seed: int = 0, generations: int = 1, epochs: int = 1) -> RunConfig:
+    """The run of one job; its data (seed 0) are the same for every seed: the test set is fixed."""
+    training = TrainingConfig(generations=generations, epochs=epochs, lr=settings["lr"], seed=seed,
+                              weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"])
+    return RunConfig(model=settings["arch"], rate=settings["rate"], seed=seed, data=settings["data"],
+                     image_size=settings["image_size"], val_fraction=settings["test_fraction"],
+                     batch_size=settings["batch_size"], label_smoothing=settings["label_smoothing"], training=training)
 
 
 def training_images(pool, classes, settings: dict, seed: int):
@@ -107,76 +108,64 @@ def reset_channel_scale(model: nn.Module, split) -> float | None:
 @torch.no_grad()
 def prediction_agreement(dense: nn.Module, fit: nn.Module, loader, device) -> float:
     """Fraction of the test images on which the dense network and its fit predict the same class."""
-    was_training = dense.training
-    dense.eval()
-    fit.eval()
     same = total = 0
-    for inputs, _ in loader:
-        inputs = inputs.to(device)
-        same += (dense(inputs).argmax(1) == fit(inputs).argmax(1)).sum().item()
-        total += len(inputs)
-    dense.train(was_training)
+    with eval_mode(dense), eval_mode(fit):
+        for inputs, _ in loader:
+            inputs = inputs.to(device)
+            same += (dense(inputs).argmax(1) == fit(inputs).argmax(1)).sum().item()
+            total += len(inputs)
     return same / total
 
 
-class GenerationProbe(Reporter):
+class GenerationProbe(Callback):
     """Prints a line per finished generation (worker processes share the terminal) and measures
     more of the fit after each generation:
 
     * ``fit_as_cut_accuracy``: the slim fit network as cut out, with the BatchNorm statistics the
       dense network gathered (KE's paper's measure). The record's ``fit_accuracy`` is the fit
-      network kecompress gives, its statistics re-estimated on the training images for it alone.
-    * ``agreement``: how often the dense network and its fit predict the same class;
+      network kecompress gives (``loop.fit``), its statistics re-estimated on the training images
+      for it alone.
+    * ``agreement``: how often the dense network and its fit network predict the same class;
     * ``reset_bn_scale``: :func:`reset_channel_scale`.
     """
 
     def __init__(self, name: str):
         self.name = name
-        self.evolution: Evolution | None = None
         self.measured: list[dict] = []
 
-    def generation_done(self, record):
-        evolution = self.evolution
-        model, split, device, test = evolution.model, evolution.split, evolution.device, evolution.val_loader
-        as_cut = kecompress.slice_fit(model, split, example_inputs=evolution.example_inputs.to(device))
-        measured = {"fit_as_cut_accuracy": evaluate(as_cut, test, evolution.loss_fn, accuracy, device)[1],
-                    "agreement": prediction_agreement(model, evolution.fit_network(), test, device),
+    def on_generation_end(self, loop: Evolution, record) -> None:
+        model, split, device, test = loop.model, loop.split, loop.device, loop.val_loader
+        as_cut = fit_network(model, split, fit_batchnorm="inherited", device=device, example_inputs=loop.example_inputs)
+        measured = {"fit_as_cut_accuracy": evaluate(as_cut, test, loop.loss_fn, accuracy, device)[1],
+                    "agreement": prediction_agreement(model, loop.fit, test, device),
                     "reset_bn_scale": reset_channel_scale(model, split)}
         self.measured.append(measured)
-        print(f"{self.name}: generation {record['generation']}: dense {record['dense_accuracy']:.2%}, "
-              f"fit {record['fit_accuracy']:.2%} (as cut out {measured['fit_as_cut_accuracy']:.2%}), "
-              f"same prediction {measured['agreement']:.2%} ({record['seconds']:.0f} s)", flush=True)
+        print(f"{self.name}: generation {record.generation}: dense {record.dense:.2%}, fit {record.fit:.2%} "
+              f"(as cut out {measured['fit_as_cut_accuracy']:.2%}), same prediction {measured['agreement']:.2%} "
+              f"({record.seconds:.0f} s)", flush=True)
 
 
 def run_job(arm: str, seed: int, settings: dict) -> dict:
     """Train one arm for one seed; return its per-generation records and wall time."""
     torch.set_num_threads(settings["threads"])
     started = time.perf_counter()
-    pool, test, classes = load_data(settings)
+    pool, test, classes = experiment.load_data(run_config(settings))
     train = training_images(pool, classes, settings, seed)
-    train_loader, test_loader = datasets.make_loaders(train, test, settings["batch_size"], seed,
-                                                      workers=settings["loader_workers"])
-    torch.manual_seed(seed)
-    model = build_model(settings["arch"], len(classes))
-    example = torch.zeros(1, *datasets.input_shape(test))
-    split = kecompress.split(model, "kels", settings["rate"], example_inputs=example, seed=seed)
     generations, epochs = settings["generations"], settings["epochs"]
-    if arm == "small":
-        model = fresh_slim_network(model, split, example)
-        split = kecompress.split(model, "kels", 1.0, example_inputs=example, seed=seed)  # nothing to reset
-    if arm != "ke":
+    if arm != "ke":  # the baselines: one generation as long as all of KE's
         generations, epochs = 1, generations * epochs
-    config = TrainingConfig(generations=generations, epochs=epochs, lr=settings["lr"],
-                            weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"],
-                            seed=seed)
     probe = GenerationProbe(f"{arm} seed {seed}")
-    probe.evolution = Evolution(model, split, train_loader, test_loader, config,
-                                loss_fn=nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"]),
-                                device=settings["device"], example_inputs=example, reporter=probe)
-    history = probe.evolution.run()
-    for record, measured in zip(history, probe.measured):
-        record.update(measured)
-    return {"arm": arm, "seed": seed, "settings": settings, "history": history,
+    loop = experiment.build(run_config(settings, seed, generations, epochs), (train, test, classes),
+                            device=settings["device"], callbacks=[probe])
+    if arm == "small":  # the same data, loss and schedule, for the fit-sized network from scratch
+        slim = fresh_slim_network(loop.model, loop.split, loop.example_inputs)
+        nothing_to_reset = kecompress.split(slim, "kels", 1.0, example_inputs=loop.example_inputs, seed=seed)
+        loop = Evolution(slim, nothing_to_reset, loop.train_loader, loop.val_loader, loop.config,
+                         loss_fn=loop.loss_fn, device=loop.device, example_inputs=loop.example_inputs,
+                         callbacks=[probe])
+    history = loop.run()
+    return {"arm": arm, "seed": seed, "settings": settings,
+            "history": [{**record.to_json(), **measured} for record, measured in zip(history, probe.measured)],
             "training_images": len(train), "test_images": len(test),
             "seconds": time.perf_counter() - started, "finished_at": time.time()}
 
@@ -199,26 +188,15 @@ def ratio(values: list[float]) -> str:
 
 
 def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:
-    """Per-seed lists of the numbers the report compares."""
+    """Per-seed lists of the numbers the report compares: KE's per generation, the baselines' at their end."""
+    keys = {"dense": "dense_accuracy", "fit": "fit_accuracy", "fit_cut": "fit_as_cut_accuracy",
+            "agreement": "agreement", "scale": "reset_bn_scale"}
     ke = [jobs["ke", seed]["history"] for seed in seeds]
-    long = [jobs["long", seed]["history"][-1] for seed in seeds]
-    small = [jobs["small", seed]["history"][-1] for seed in seeds]
-    last = generations - 1
-    return {
-        "dense": [[history[g]["dense_accuracy"] for history in ke] for g in range(generations)],
-        "fit": [[history[g]["fit_accuracy"] for history in ke] for g in range(generations)],
-        "fit_cut": [[history[g]["fit_as_cut_accuracy"] for history in ke] for g in range(generations)],
-        "long_dense": [record["dense_accuracy"] for record in long],
-        "long_fit": [record["fit_accuracy"] for record in long],
-        "long_fit_cut": [record["fit_as_cut_accuracy"] for record in long],
-        "agreement": [[history[g]["agreement"] for history in ke] for g in range(generations)],
-        "scale": [[history[g]["reset_bn_scale"] for history in ke] for g in range(generations)],
-        "long_agreement": [record["agreement"] for record in long],
-        "long_scale": [record["reset_bn_scale"] for record in long],
-        "small": [record["dense_accuracy"] for record in small],
-        "n1": [history[0]["dense_accuracy"] for history in ke],
-        "last": last,
-    }
+    summary = {name: [[history[g][key] for history in ke] for g in range(generations)] for name, key in keys.items()}
+    for name, key in keys.items():
+        summary[f"long_{name}"] = [jobs["long", seed]["history"][-1][key] for seed in seeds]
+    return {**summary, "n1": summary["dense"][0], "last": generations - 1,
+            "small": [jobs["small", seed]["history"][-1]["dense_accuracy"] for seed in seeds]}
 
 
 def paired(first: list[float], second: list[float]) -> list[float]:
@@ -336,24 +314,7 @@ GENERATION_HEADER = ["generation", "epochs so far", "KE dense", "KE fit", "fit -
 BASELINE_HEADER = ["network", "epochs", "dense network", "its fit network", "its fit, as cut out"]
 
 
-def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for index, column in enumerate(header):
-        table.add_column(column, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-            + ["| " + " | ".join(row) + " |" for row in rows] + [""])
-
-
 def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, command: str) -> None:
-    before = path.read_text() if path.exists() else ""
-    kept = before.split(ANALYSIS, 1)[1] if ANALYSIS in before else "\n"
-    machine = machine_description(settings["threads"])
     first = jobs["ke", args.seeds[0]]
     record = first["history"][0]
     data = (f"ImageFolder data `{settings['data']}`, training images augmented with RandomResizedCrop and flip"
@@ -370,9 +331,8 @@ def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, 
     lines = [
         "# Does Knowledge Evolution pay off? Measured against equal-compute baselines",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {machine['processor']} ({machine['cpu_count']} CPUs, "
-        f"{machine['system']} {machine['machine']}), Python {machine['python']}, torch {machine['torch']}, "
-        f"device {settings['device']}, {args.workers} worker process(es) of {settings['threads']} thread(s); "
+        f"Measured {datetime.date.today().isoformat()} on {machine_line(machine())}, device {settings['device']}, "
+        f"{args.workers} worker process(es) of {settings['threads']} thread(s); "
         f"the jobs took {job_minutes:.0f} minutes of worker time in all, {span_minutes:.0f} minutes from the "
         "first one's start to the last one's end.",
         "",
@@ -416,9 +376,8 @@ def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, 
         "",
         "![KE accuracy per generation against the baselines](results.png)",
         "",
-        ANALYSIS,
     ]
-    path.write_text("\n".join(lines) + kept)
+    write_report(path, lines)
 
 
 def write_chart(path: Path, summary: dict, settings: dict) -> None:
@@ -472,28 +431,27 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=None, help="ImageFolder directory (default: the bundled digits)")
     parser.add_argument("--arch", default="resnet18", help="torchvision architecture")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: 32 demo, 224 folder)")
-    parser.add_argument("--per-class", type=int, default=20, help="training images per class; 0: all")
+    parser.add_argument("--image-size", type=at_least(1), default=None,
+                        help="input size (default: 32 demo, 224 folder)")
+    parser.add_argument("--per-class", type=at_least(0), default=20, help="training images per class; 0: all")
     parser.add_argument("--test-fraction", type=float, default=0.5,
                         help="held-out test fraction of each class (a folder with val/ uses val/)")
-    parser.add_argument("--generations", type=int, default=10, help="KE generations G")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs per generation E")
-    parser.add_argument("--rate", type=float, default=0.5, help="KELS split rate")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--warmup-epochs", type=int, default=0, help="warm-up epochs of every generation")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--generations", type=at_least(1), default=10, help="KE generations G")
+    parser.add_argument("--epochs", type=at_least(1), default=30, help="epochs per generation E")
+    parser.add_argument("--rate", type=float, default=RunConfig.rate, help="KELS split rate")
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--lr", type=float, default=TrainingConfig.lr, help="SGD learning rate")
+    parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="SGD weight decay")
+    parser.add_argument("--warmup-epochs", type=int, default=TrainingConfig.warmup_epochs,
+                        help="warm-up epochs of every generation")
+    parser.add_argument("--batch-size", type=at_least(1), default=RunConfig.batch_size, help="batch size")
+    parser.add_argument("--label-smoothing", type=float, default=RunConfig.label_smoothing, help="label smoothing")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=at_least(1), default=None,
                         help="jobs run side by side (default: one per CPU core, one on CUDA)")
-    parser.add_argument("--loader-workers", type=int, default=0, help="data loader processes per job")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/ke_accuracy"), help="finished jobs are kept here")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where results.md and results.png go")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.generations < 1 or args.epochs < 1 or args.per_class < 0:
-        parser.error("--seeds, --generations and --epochs must be at least 1, --per-class at least 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     args.seeds = list(range(args.seeds))
@@ -511,25 +469,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     cores = os.cpu_count() or 1
-    settings = {
-        "data": str(Path(args.data).resolve()) if args.data else None, "arch": args.arch,
-        "image_size": args.image_size or (datasets.DEMO_IMAGE_SIZE if args.data is None else datasets.FOLDER_IMAGE_SIZE),
-        "per_class": args.per_class, "test_fraction": args.test_fraction, "generations": args.generations,
-        "epochs": args.epochs, "rate": args.rate, "lr": args.lr, "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing,
-        "device": args.device, "threads": max(1, cores // args.workers) if args.device == "cpu" else cores,
-        "loader_workers": args.loader_workers, "kecompress": kecompress.__version__, "torch": torch.__version__,
-        "job_format": JOB_FORMAT,
-    }
-    try:  # fail here, in one line, on settings or data that cannot give the small-data regime
-        check_rate(args.rate)
-        TrainingConfig(generations=args.generations, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup_epochs=args.warmup_epochs)
-        pool, test, classes = load_data(settings)
-        training_images(pool, classes, settings, seed=0)
-    except kecompress.KecompressError as error:
-        print(f"ke_accuracy: {error}", file=sys.stderr)
-        return 2
+    # What makes a job the same job (and names its file): every option but where and how many run.
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("seeds", "workers", "work_dir", "out_dir")}
+    default_size = datasets.FOLDER_IMAGE_SIZE if args.data else datasets.DEMO_IMAGE_SIZE
+    settings.update(data=str(Path(args.data).resolve()) if args.data else None,
+                    image_size=args.image_size or default_size,
+                    threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
+                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
+    # Fail here, in one line, on settings or data that cannot give the small-data regime.
+    check_rate(args.rate)
+    pool, test, classes = experiment.load_data(run_config(settings, generations=args.generations, epochs=args.epochs))
+    training_images(pool, classes, settings, seed=0)
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     def job_path(arm: str, seed: int) -> Path:  # named by the settings too: other settings keep their own jobs
@@ -573,4 +524,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("ke_accuracy", main))

@@ -22,13 +22,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
-import torchvision
 from rich.console import Console
-from rich.table import Table
 
 import kecompress
-from kecompress.bench import machine_description, measure_latency
+from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
+from kecompress.bench import LatencyResult, latency_cells, measure_latency
 from kecompress.export import export_pair
+from kecompress.models import build_model
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_small", "efficientnet_b0",
           "vgg11_bn", "regnet_x_400mf"]
@@ -36,13 +36,12 @@ MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_s
 TARGETS = {"resnet18": 0.95, "resnet50": 0.90, "mobilenet_v2": 0.90, "densenet121": 0.90}
 RATE, INPUT_SHAPE = 0.5, (3, 224, 224)
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-ANALYSIS = "<!-- ANALYSIS: everything below this line is written by hand and kept when the benchmark reruns -->"
 HEADER = ["model", "MACs dense", "MACs fit", "MAC ratio", "ORT dense ms", "ORT fit ms", "ORT speedup",
           "ORT efficiency", "target", "torch dense ms", "torch fit ms", "torch speedup", "load"]
 
 
 def build(name: str) -> torch.nn.Module:
-    return torchvision.models.get_model(name, weights=None, num_classes=1000).eval()
+    return build_model(name, num_classes=1000).eval()
 
 
 def slice_model(dense: torch.nn.Module) -> torch.nn.Module:
@@ -70,41 +69,25 @@ def tool_timings(threads: int) -> dict:
     return {"threads": threads, "slice_resnet50_s": slicing, "export_resnet18_s": exporting}
 
 
-def cells(model: str, result: dict) -> list[str]:
-    row = result["results"][0]
-    target = TARGETS.get(model)
-    verdict = "-" if target is None else f"{target:.2f} {'met' if row['ort_efficiency'] >= target else 'MISSED'}"
-    return [model, f"{result['dense']['macs'] / 1e9:.3f} G", f"{result['fit']['macs'] / 1e9:.3f} G",
-            f"{row['macs_ratio']:.2f}x",
-            f"{row['ort_dense_median_ms']:.2f} / {row['ort_dense_p90_ms']:.2f}",
-            f"{row['ort_fit_median_ms']:.2f} / {row['ort_fit_p90_ms']:.2f}",
-            f"{row['ort_speedup']:.2f}x", f"{row['ort_efficiency']:.3f}", verdict,
-            f"{row['torch_dense_median_ms']:.2f} / {row['torch_dense_p90_ms']:.2f}",
-            f"{row['torch_fit_median_ms']:.2f} / {row['torch_fit_p90_ms']:.2f}",
-            f"{row['torch_speedup']:.2f}x", f"{result['load']:.1f}"]
+def cells(model: str, result: LatencyResult, load: float) -> list[str]:
+    row = result.results[0]
+    target, ort = TARGETS.get(model), row.onnxruntime
+    verdict = "-" if target is None else f"{target:.2f} {'met' if ort.efficiency >= target else 'MISSED'}"
+    return [model, f"{result.dense.macs / 1e9:.3f} G", f"{result.fit.macs / 1e9:.3f} G", f"{row.macs_ratio:.2f}x",
+            *latency_cells(ort), f"{ort.efficiency:.3f}", verdict, *latency_cells(row.torch), f"{load:.1f}"]
 
 
-def results_table(results: dict[str, dict], threads: int) -> Table:
-    table = Table(title=f"KELS rate {RATE}, batch 1, {INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}, {threads} thread(s): "
-                        "dense vs fit (ms: median / p90)")
-    for column in HEADER:
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for model, by_threads in results.items():
-        table.add_row(*cells(model, by_threads[threads]))
-    return table
+def rows(results: dict, threads: int) -> list[list[str]]:
+    return [cells(model, *by_threads[threads]) for model, by_threads in results.items()]
 
 
 def write_markdown(path: Path, results: dict, timings: list[dict], args, command: str, load: tuple) -> None:
-    kept = ""
-    if path.exists() and ANALYSIS in path.read_text():
-        kept = path.read_text().split(ANALYSIS, 1)[1]
-    machine = machine_description()
+    described = machine()
     lines = [
         "# Benchmarks: dense network vs KELS fit",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {machine['processor']} ({machine['cpu_count']} CPUs, "
-        f"{machine['system']} {machine['machine']}), Python {machine['python']}, torch {machine['torch']}, "
-        f"onnxruntime {machine['onnxruntime']}. Load average (1 min) when the run started / ended: "
+        f"Measured {datetime.date.today().isoformat()} on {machine_line(described)}, "
+        f"onnxruntime {described['onnxruntime']}. Load average (1 min) when the run started / ended: "
         f"{load[0]:.2f} / {load[1]:.2f}.",
         "",
         f"Randomly initialised torchvision models (1000 classes), KELS split rate {RATE}, batch 1, "
@@ -119,15 +102,12 @@ def write_markdown(path: Path, results: dict, timings: list[dict], args, command
     ]
     for threads in args.threads:
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
-                  "| " + " | ".join(HEADER) + " |",
-                  "|" + "|".join("---" if column == "model" else "---:" for column in HEADER) + "|"]
-        lines += ["| " + " | ".join(cells(model, by_threads[threads])) + " |" for model, by_threads in results.items()]
-        lines.append("")
-    lines += ["## Tool timings", "", "| torch threads | split + slice ResNet50 (target < 5 s) | "
-              "export + parity check of ResNet18 dense and fit (target < 30 s) |", "|---:|---:|---:|"]
-    lines += [f"| {t['threads']} | {t['slice_resnet50_s']:.2f} s | {t['export_resnet18_s']:.2f} s |" for t in timings]
+                  *markdown_table(HEADER, rows(results, threads))]
+    lines += ["## Tool timings", "", *markdown_table(
+        ["torch threads", "split + slice ResNet50 (target < 5 s)",
+         "export + parity check of ResNet18 dense and fit (target < 30 s)"],
+        [[str(t["threads"]), f"{t['slice_resnet50_s']:.2f} s", f"{t['export_resnet18_s']:.2f} s"] for t in timings])]
     lines += [
-        "",
         "WELS is not in the tables: its fit is the dense network with zeros in it, and dense runtimes "
         "multiply zeros at dense speed.",
         "",
@@ -135,22 +115,21 @@ def write_markdown(path: Path, results: dict, timings: list[dict], args, command
         "",
         f"Reproduce: `{command}`",
         "",
-        ANALYSIS,
     ]
-    path.write_text("\n".join(lines) + (kept or "\n"))
+    write_report(path, lines)
 
 
 def write_chart(path: Path, results: dict, thread_counts: list[int]) -> None:
     names = list(results)
-    series = [("MAC ratio (ceiling)", thread_counts[0], "macs_ratio")]
+    series = [("MAC ratio (ceiling)", thread_counts[0], lambda row: row.macs_ratio)]
     for threads in thread_counts:
-        series += [(f"onnxruntime, {threads} thr.", threads, "ort_speedup"),
-                   (f"torch eager, {threads} thr.", threads, "torch_speedup")]
+        series += [(f"onnxruntime, {threads} thr.", threads, lambda row: row.onnxruntime.speedup),
+                   (f"torch eager, {threads} thr.", threads, lambda row: row.torch.speedup)]
     width = 0.8 / len(series)
     figure, axes = plt.subplots(figsize=(max(7.0, 1.4 * len(names)), 4.8))
     tallest = 0.0
-    for index, (label, threads, key) in enumerate(series):
-        values = [results[name][threads]["results"][0][key] for name in names]
+    for index, (label, threads, value) in enumerate(series):
+        values = [value(results[name][threads][0].results[0]) for name in names]
         offsets = [i + (index - (len(series) - 1) / 2) * width for i in range(len(names))]
         axes.bar(offsets, values, width, label=label)
         tallest = max(tallest, *values)
@@ -168,11 +147,12 @@ def write_chart(path: Path, results: dict, thread_counts: list[int]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs of each network (default 50)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs of each network first (default 10)")
-    parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (default 1,2)")
+    parser.add_argument("--runs", type=at_least(1), default=50, help="timed runs of each network (default 50)")
+    parser.add_argument("--warmup", type=at_least(0), default=10,
+                        help="untimed runs of each network first (default 10)")
+    parser.add_argument("--threads", type=lambda text: [at_least(1)(part) for part in text.split(",")],
+                        default=[1, 2], help="comma-separated CPU thread counts (default 1,2)")
     args = parser.parse_args(argv)
-    args.threads = [int(threads) for threads in args.threads.split(",")]
     console = Console(width=200)  # the tables are wide; logs are not terminals
     command = "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start_load = os.getloadavg()[0]
@@ -193,12 +173,13 @@ def main(argv=None) -> int:
         results[name] = {}
         for threads in args.threads:
             result = measure_latency(dense, fit, INPUT_SHAPE, threads=threads, warmup=args.warmup, runs=args.runs)
-            results[name][threads] = {**result, "load": os.getloadavg()[0]}  # how busy the machine was
-        speedups = ", ".join(f"{threads} thr. ORT {result['results'][0]['ort_speedup']:.2f}x"
-                             for threads, result in results[name].items())
-        console.print(f"{name}: {speedups} (MAC ratio {results[name][args.threads[0]]['macs_ratio']:.2f}x)")
+            results[name][threads] = result, os.getloadavg()[0]  # and how busy the machine was
+        speedups = ", ".join(f"{threads} thr. ORT {result.results[0].onnxruntime.speedup:.2f}x"
+                             for threads, (result, _) in results[name].items())
+        console.print(f"{name}: {speedups} (MAC ratio {results[name][args.threads[0]][0].macs_ratio:.2f}x)")
     for threads in args.threads:
-        console.print(results_table(results, threads))
+        console.print(rich_table(f"KELS rate {RATE}, batch 1, {INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}, {threads} thread(s): "
+                                 "dense vs fit (ms: median / p90)", HEADER, rows(results, threads)))
 
     DOCS.mkdir(exist_ok=True)
     write_markdown(DOCS / "benchmarks.md", results, timings, args, command.strip(), (start_load, os.getloadavg()[0]))
@@ -208,4 +189,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("latency", main))

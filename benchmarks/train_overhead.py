@@ -1,11 +1,12 @@
 """Benchmark: what the Knowledge Evolution loop costs on top of a plain PyTorch training loop.
 
-Measured side by side in one run, on the same model, data, batch size, optimizer and schedule:
+Measured side by side in one run, on the same model, data, loss, batch size, optimizer and
+schedule (``kecompress.experiment.build`` of ``kecompress evolve MODEL`` on the bundled digits):
 
-1. epoch time of the evolve loop (``Evolution._train_epoch`` with the command line's
-   ``RichReporter`` attached) over the epoch time of a textbook PyTorch loop (target <= 1.03);
-   the two are interleaved (plain, evolve, plain, evolve, ...) after a warm-up epoch of each,
-   and their medians are compared;
+1. epoch time of the evolve loop (``Evolution.train_epoch`` with the command line's progress
+   display, ``RichProgress``, attached) over the epoch time of a textbook PyTorch loop (target
+   <= 1.03); after a warm-up epoch of each, the two take turns in interleaved rounds, and their
+   medians are compared;
 2. the reset step (``kecompress.reset_``) as a fraction of one median epoch (target <= 0.01);
 3. peak memory (max RSS) of each side, each in its own fresh ``spawn`` child process doing the
    same work (target <= 1.10x).
@@ -13,13 +14,12 @@ Measured side by side in one run, on the same model, data, batch size, optimizer
 Nothing printed is hard-coded: every figure is measured in this run. Both loops take turns to
 train one model with one optimizer, so that the loop code is the only difference. Other
 processes sharing the CPUs make epoch times noisy (with every core in use, a preempted OpenMP
-thread stalls the others), so the benchmark reads from /proc/stat how much CPU other processes
-used during each epoch: rounds in which they used more than --quiet-cpus are replaced by extra
-rounds (up to --max-rounds and --time-limit), and the summary says how many rounds were clean.
+thread stalls the others), so rounds in which other processes used more than --quiet-cpus CPUs
+are replaced by extra rounds (benchmarks/common.py), and the summary says how many were clean.
 The plain epochs of odd and even rounds are also compared with each other, as a noise floor.
-``--breakdown`` adds a third interleaved side, the evolve loop without a reporter, to attribute
-any overhead; informational rows (target "info") break the costs down further. This is a
-benchmark, not a test: it always exits 0.
+``--breakdown`` adds a third side, the evolve loop without callbacks, to attribute any overhead;
+informational rows (target "info") break the costs down further. This is a benchmark, not a
+test: it exits 0 whatever it measures.
 
 Usage:
     .venv/bin/python benchmarks/train_overhead.py [--model resnet18] [--batch-size 32]
@@ -28,72 +28,55 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-# Only the standard library at module level: the memory children are spawned before this process
-# imports torch, because on Linux a child's ru_maxrss starts from the RSS of the process that
-# spawned it (the high-water mark survives fork + exec), so a parent that has already trained a
-# network would hide the children's own peaks. Everything heavy is imported inside functions.
+# Only the standard library at module level (common.py is too): the memory children are spawned
+# before this process imports torch, because on Linux a child's ru_maxrss starts from the RSS of
+# the process that spawned it (the high-water mark survives fork + exec), so a parent that has
+# already trained a network would hide the children's own peaks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from cpu_load import machine_busy_seconds, own_cpu_seconds  # noqa: E402 (benchmarks/, stdlib only)
+from common import (Rounds, at_least, digits_run, machine, machine_line, parse_rounds, rich_table,  # noqa: E402
+                    rounds_parser, run_script, timed, watch)
 
-TARGET_EPOCH_RATIO = 1.03
-TARGET_RESET_FRACTION = 0.01
-TARGET_MEMORY_RATIO = 1.10
-LABEL_SMOOTHING = 0.1  # the command line's default loss: cross-entropy with label smoothing 0.1
-SEED = 0
+TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10}
 
 
-# -- the shared setup ---------------------------------------------------------------------------
-def build_setup(options: dict) -> dict:
-    """Model, data, loader, loss and training config exactly as ``kecompress evolve`` builds them
-    (demo digits data, ``make_loaders``, a randomly initialised torchvision model), with the
-    training set cut to its first ``samples`` images to keep an epoch short."""
-    import torch
-    from torch.utils.data import Subset
-
-    from kecompress.data import demo_datasets, input_shape, make_loaders
-    from kecompress.evolution import TrainingConfig
-    from kecompress.models import build_model
-
-    torch.set_num_threads(options["threads"])
-    torch.manual_seed(SEED)
-    train_set, val_set, classes = demo_datasets(image_size=options["image_size"], seed=SEED)
-    if options["samples"]:
-        train_set = Subset(train_set, range(min(options["samples"], len(train_set))))
-    train_loader, val_loader = make_loaders(train_set, val_set, options["batch_size"], SEED)
-    model = build_model(options["model"], len(classes))
-    example_inputs = torch.zeros(1, *input_shape(val_set))
-    # Enough epochs in the schedule that no measured epoch runs past its end.
-    config = TrainingConfig(generations=1, epochs=options["epochs_in_schedule"], seed=SEED)
-    return {"train_loader": train_loader, "val_loader": val_loader, "model": model, "rate": options["rate"],
-            "example_inputs": example_inputs, "config": config, "train_samples": len(train_set),
-            "loss_fn": torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)}
+def digits(options: dict):
+    """The run both sides train, and its data (common.digits_run)."""
+    return digits_run(options["samples"], options["epochs_in_schedule"], model=options["model"],
+                      batch_size=options["batch_size"], rate=options["rate"], image_size=options["image_size"])
 
 
-def quiet_reporter(generations: int = 1):
-    """The command line's reporter, rendering as it does on a terminal, into /dev/null."""
+def evolve_loop(options: dict, display):
+    """The evolve loop of the run, as ``kecompress evolve`` builds it, with its first optimizer."""
+    from kecompress import experiment
+
+    loop = experiment.build(*digits(options), callbacks=[display])
+    loop.start_optimizer()
+    loop.call("on_generation_start", 1)  # as the loop does when a generation starts
+    return loop
+
+
+def quiet_display():
+    """The command line's progress display, rendering as on a terminal, into /dev/null."""
     from rich.console import Console
 
-    from kecompress.report import RichReporter
+    from kecompress.report import RichProgress
 
-    sink = open(os.devnull, "w")
-    # force_terminal: rich renders the live progress display (10 refreshes a second) exactly as in
-    # a real terminal; a plain file console would skip the rendering and under-count its cost.
-    console = Console(file=sink, force_terminal=True, width=120, color_system="truecolor")
-    return RichReporter(generations, console=console)
+    # force_terminal: rich renders the live display exactly as in a real terminal; a plain file
+    # console would skip the rendering and under-count its cost.
+    console = Console(file=open(os.devnull, "w"), force_terminal=True, width=120, color_system="truecolor")
+    return RichProgress(1, console=console)
 
 
 def plain_epoch(model, loader, optimizer, schedule, loss_fn) -> None:
@@ -107,224 +90,123 @@ def plain_epoch(model, loader, optimizer, schedule, loss_fn) -> None:
         schedule.step()
 
 
-def make_evolution(setup: dict, model, reporter, the_split=None):
-    import kecompress
-    from kecompress.evolution import Evolution
-
-    if the_split is None:
-        the_split = kecompress.split(model, "kels", setup["rate"], example_inputs=setup["example_inputs"],
-                                     seed=SEED)
-    return Evolution(model, the_split, setup["train_loader"], setup["val_loader"], setup["config"],
-                     loss_fn=setup["loss_fn"], example_inputs=setup["example_inputs"], reporter=reporter)
-
-
-def evolve_epoch(evolution, reporter, epoch: int, optimizer, schedule) -> float:
-    """One epoch of the evolve loop, timed with the reporter's live display running, as the CLI
-    runs it. ``_train_epoch`` is private: it is exactly the loop's epoch (seeding, the reporter
-    calls, loss.item() and its finiteness check), without the per-generation work around it
-    (a fresh optimizer, evaluation of the dense network and of the fit hypothesis), which a
-    generation pays once rather than every epoch. Calling it from a benchmark is deliberate."""
-    reporter.progress.start()  # the refresh thread runs only during evolve epochs, not plain ones
-    try:
-        started = time.perf_counter()
-        evolution._train_epoch(1, epoch, optimizer, schedule)
-        return time.perf_counter() - started
-    finally:
-        reporter.progress.stop()
+def evolve_epoch(loop, display, epoch: int) -> float:
+    """Seconds of one epoch of the evolve loop: ``loop.train_epoch``, exactly the loop's epoch
+    (seeding, the callbacks, the loss summed and checked), without the work a generation pays once
+    rather than every epoch (a fresh optimizer, evaluating the dense and the fit network). With
+    ``display``, its live refresh runs during the epoch as in the command line; without, the loop
+    has no callbacks (``--breakdown``'s third side)."""
+    loop.callbacks = [display] if display else []
+    with display or contextlib.nullcontext():  # the refresh thread runs during evolve epochs only
+        return timed(lambda: loop.train_epoch(1, epoch))
 
 
 # -- 1 and 2: epoch times, reset, in this process ----------------------------------------------
 def measure_times(options: dict) -> dict:
+    import torch
+
     import kecompress
-    from kecompress.evolution import CHECKPOINT, make_optimizer
-    from kecompress.files import save_torch
+    from kecompress.checkpoint import checkpoint_state
+    from kecompress.rundir import RunDirectory
 
-    setup = build_setup(options)
-    # One model, one optimizer and one schedule, which both loops take turns to train, so that the
-    # loop code is the only difference between the sides (separate copies would also differ in
-    # where their weights and momentum buffers sit in memory).
-    model, loader, loss_fn, config = setup["model"], setup["train_loader"], setup["loss_fn"], setup["config"]
-    steps = len(loader)
-    optimizer, schedule = make_optimizer(model, config, steps)  # same settings as each generation's
-
-    reporter = quiet_reporter()
-    evolution = make_evolution(setup, model, reporter)
-    reporter.generation_started(1, config.epochs, steps)  # as Evolution._train_generation does
-
-    def timed_plain() -> float:
-        started = time.perf_counter()
-        plain_epoch(model, loader, optimizer, schedule, loss_fn)
-        return time.perf_counter() - started
-
-    # --breakdown: a third side, the evolve loop with no reporter, to split the overhead between
-    # the reporter and the rest of the loop (seeding, loss.item(), the finiteness check).
-    bare = None
+    torch.set_num_threads(options["threads"])
+    display = quiet_display()
+    # One model, one optimizer and one schedule, which both loops take turns to train (separate
+    # copies would also differ in where their weights and momentum buffers sit in memory).
+    loop = evolve_loop(options, display)
+    model, loader, steps = loop.model, loop.train_loader, len(loop.train_loader)
+    sides = {"plain": lambda epoch: timed(lambda: plain_epoch(model, loader, loop.optimizer, loop.schedule,
+                                                              loop.loss_fn)),
+             "evolve": lambda epoch: evolve_epoch(loop, display, epoch)}
     if options["breakdown"]:
-        bare_evolution = make_evolution(setup, model, None, evolution.split)
+        sides["bare"] = lambda epoch: evolve_epoch(loop, None, epoch)
+    for side in sides.values():
+        side(0)  # warm-up epochs, not recorded
+    rounds = Rounds(list(sides), wanted=options["rounds"], max_rounds=options["max_rounds"],
+                    time_limit=options["time_limit"], quiet_cpus=options["quiet_cpus"])
+    rounds.run(lambda side, index: watch(lambda: sides[side](index + 1)))
 
-        def bare(epoch: int) -> float:
-            started = time.perf_counter()
-            bare_evolution._train_epoch(1, epoch, optimizer, schedule)
-            return time.perf_counter() - started
+    # The display's own work, alone: its calls in one epoch (on_epoch_start and an on_step_end per
+    # step), and one render of the live display, which its refresh thread repeats in the
+    # background while an epoch runs.
+    def display_calls() -> None:
+        display.on_epoch_start(loop, 1, 0)
+        for _ in range(steps):
+            display.on_step_end(loop, 1.2345, options["batch_size"])
 
-    def watched(run) -> tuple[float, float | None]:
-        """Run one epoch; return its seconds and the CPUs other processes used meanwhile."""
-        window = time.perf_counter()
-        before = _cpu_seconds_of_others()
-        seconds = run()
-        after = _cpu_seconds_of_others()
-        window = time.perf_counter() - window
-        return seconds, None if before is None or after is None else max(after - before, 0.0) / window
+    with display:
+        display_s = [timed(display_calls) for _ in range(5)]
+        live = display.progress.live
+        render_s = [timed(live.refresh) for _ in range(20)]
+        refreshes = live.refresh_per_second if live.auto_refresh else 0.0
 
-    timed_plain()  # warm-up epochs, not recorded
-    evolve_epoch(evolution, reporter, 0, optimizer, schedule)
-    if bare:
-        bare(0)
-    # Interleaved rounds: plain, evolve (, bare), plain, evolve, ... A round is clean when other
-    # processes used at most --quiet-cpus CPUs during each of its epochs; noisy rounds are kept
-    # in the raw figures but replaced by extra rounds, up to --max-rounds in all, and none starts
-    # after --time-limit seconds.
-    rounds, clean = [], 0
-    deadline = time.perf_counter() + options["time_limit"]
-    while clean < options["rounds"] and len(rounds) < options["max_rounds"] and (
-            time.perf_counter() < deadline or len(rounds) < 3):
-        epoch = len(rounds) + 1
-        round_ = {"plain": watched(timed_plain),
-                  "evolve": watched(lambda: evolve_epoch(evolution, reporter, epoch, optimizer, schedule))}
-        if bare:
-            round_["bare"] = watched(lambda: bare(epoch))
-        round_["clean"] = all(others is None or others <= options["quiet_cpus"]
-                              for seconds, others in (round_[side] for side in ("plain", "evolve", "bare")
-                                                      if side in round_))
-        clean += round_["clean"]
-        rounds.append(round_)
-    enough_clean = clean >= min(3, options["rounds"])
-    used = [round_ for round_ in rounds if round_["clean"] or not enough_clean]
-    plain_times = [round_["plain"][0] for round_ in used]
-    evolve_times = [round_["evolve"][0] for round_ in used]
-    bare_times = [round_["bare"][0] for round_ in used if "bare" in round_]
-    other_cpus = [others for round_ in used for side in ("plain", "evolve", "bare") if side in round_
-                  for others in [round_[side][1]] if others is not None]
-    other_cpus = statistics.mean(other_cpus) if other_cpus else None
-
-    # The reporter's own work, alone: its calls in one epoch (epoch_started + a step_done per
-    # step), and one render of the live display, which its refresh thread repeats several times a
-    # second in the background while the epoch runs.
-    reporter_costs, render_costs = [], []
-    reporter.progress.start()
-    try:
-        for repeat in range(5):
-            started = time.perf_counter()
-            reporter.epoch_started(1, 0)
-            for _ in range(steps):
-                reporter.step_done(1.2345, options["batch_size"])
-            reporter_costs.append(time.perf_counter() - started)
-        live = reporter.progress.live
-        for repeat in range(20):
-            started = time.perf_counter()
-            live.refresh()
-            render_costs.append(time.perf_counter() - started)
-        refreshes_per_second = live.refresh_per_second if live.auto_refresh else 0.0
-    finally:
-        reporter.progress.stop()
-
-    # 2: the reset step, on the trained model (one warm-up reset first). A batch of resets
-    # during which other processes used the CPUs is retried, twice at most; the quietest is kept.
-    kecompress.reset_(model, evolution.split, seed=10_000)
-    batches = []
-    for batch in range(3):
-        reset_times = []
-        window, before = time.perf_counter(), _cpu_seconds_of_others()
-        for repeat in range(options["resets"]):
-            started = time.perf_counter()
-            kecompress.reset_(model, evolution.split, seed=10_001 + repeat)
-            reset_times.append(time.perf_counter() - started)
-        after, window = _cpu_seconds_of_others(), time.perf_counter() - window
-        others = None if before is None or after is None else max(after - before, 0.0) / window
-        batches.append((others or 0.0, reset_times, others))
-        if others is None or others <= options["quiet_cpus"]:
-            break
-    _, reset_times, reset_others = min(batches, key=lambda batch: batch[0])
+    # 2: the reset step, on the trained model (one warm-up reset first), in batches of --resets;
+    # a batch during which other processes used the CPUs is tried again, twice at most.
+    kecompress.reset_(model, loop.split, seed=10_000)
+    resets = Rounds(["reset"], wanted=1, max_rounds=3, time_limit=math.inf, quiet_cpus=options["quiet_cpus"])
+    resets.run(lambda side, index: watch(lambda: [timed(lambda: kecompress.reset_(model, loop.split, seed=seed))
+                                                  for seed in range(10_001, 10_001 + options["resets"])]))
 
     # The per-epoch checkpoint the command line also writes (it runs with a run directory),
-    # outside _train_epoch: reported for information, not part of the epoch ratio.
-    checkpoint_times = []
-    with tempfile.TemporaryDirectory(prefix="kecompress-bench-") as run_dir:
-        for repeat in range(3):
-            started = time.perf_counter()
-            save_torch(evolution.checkpoint_state(1, 1, optimizer, schedule), Path(run_dir) / CHECKPOINT)
-            checkpoint_times.append(time.perf_counter() - started)
-        checkpoint_bytes = (Path(run_dir) / CHECKPOINT).stat().st_size
-
-    return {"steps_per_epoch": steps, "train_samples": setup["train_samples"],
-            "plain_epoch_s": plain_times, "evolve_epoch_s": evolve_times, "reset_s": reset_times,
-            "reset_other_processes_cpus": reset_others,
-            "other_processes_cpus": other_cpus, "rounds_run": len(rounds), "rounds_clean": clean,
-            "rounds_used": len(used), "all_rounds": [{side: list(value) if isinstance(value, tuple) else value
-                                                       for side, value in round_.items()} for round_ in rounds],
-            "bare_epoch_s": bare_times, "reporter_per_epoch_s": reporter_costs,
-            "render_s": render_costs, "refreshes_per_second": refreshes_per_second,
-            "checkpoint_s": checkpoint_times,
-            "checkpoint_bytes": checkpoint_bytes,
-            "split_fit_fraction": evolution.split.fit_fraction()}
+    # after the epoch: reported for information, not part of the epoch ratio.
+    with tempfile.TemporaryDirectory(prefix="kecompress-bench-") as directory:
+        run_dir = RunDirectory(directory)
+        checkpoint_s = [timed(lambda: run_dir.write_checkpoint(checkpoint_state(loop))) for _ in range(3)]
+        checkpoint_bytes = run_dir.checkpoint_file.stat().st_size
+    return {"steps_per_epoch": steps, "train_samples": len(loader.dataset), "rounds": rounds, "resets": resets,
+            "display_per_epoch_s": display_s, "render_s": render_s, "refreshes_per_second": refreshes,
+            "checkpoint_s": checkpoint_s, "checkpoint_bytes": checkpoint_bytes}
 
 
-def _cpu_seconds_of_others() -> float | None:
-    """CPU seconds all other processes have used so far (Linux): the whole machine's busy time
-    less this process's. Its growth over the timed rounds tells how much other work shared the
-    CPUs with the measurement, i.e. how noisy the epoch times are."""
-    busy = machine_busy_seconds()
-    return None if busy is None else busy - own_cpu_seconds()
-
-
-# -- 3: peak memory, each side in a fresh spawned child -----------------------------------------
+# -- 3: peak memory, in fresh processes ----------------------------------------------------------
 def memory_child(side: str, options: dict) -> dict:
-    """Build model and data, then train ``options['memory_epochs']`` epochs on one side; report
-    this process's peak RSS. The evolve side also draws its split, trains with the reporter, and
-    resets once between its epochs, as a generation boundary does."""
-    # Both sides import the same modules before anything is measured against this baseline.
+    """Train --memory-epochs epochs of one side in this fresh process (the evolve side resetting
+    between them); return its peak RSS, and the RSS after the imports both sides need."""
     import sklearn.datasets  # noqa: F401  (the demo data's loader)
+    import torch
 
     import kecompress
+    import kecompress.experiment  # noqa: F401  (the data, the models)
     import kecompress.report  # noqa: F401  (rich)
-    from kecompress.evolution import make_optimizer
+    from kecompress.data import make_loaders
+    from kecompress.models import build_model
+    from kecompress.training import make_optimizer
 
-    imported_kib = _max_rss_kib()
-    setup = build_setup(options)
-    model, loader, config = setup["model"], setup["train_loader"], setup["config"]
-    optimizer, schedule = make_optimizer(model, config, len(loader))
-    if side == "plain":
-        started = time.perf_counter()
-        for _ in range(options["memory_epochs"]):
-            plain_epoch(model, loader, optimizer, schedule, setup["loss_fn"])
+    imported_kib = max_rss_kib()
+    torch.set_num_threads(options["threads"])
+    if side == "plain":  # what a plain script sets up: build()'s model, loader, loss, optimizer; no split or loop
+        config, (train, val, classes) = digits(options)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, len(classes))
+        loader, _ = make_loaders(train, val, config.batch_size, config.seed)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        optimizer, schedule = make_optimizer(model, config.training, len(loader))
+        seconds = timed(lambda: [plain_epoch(model, loader, optimizer, schedule, loss_fn)
+                                 for _ in range(options["memory_epochs"])])
     else:
-        reporter = quiet_reporter()
-        evolution = make_evolution(setup, model, reporter)
-        reporter.generation_started(1, config.epochs, len(loader))
-        started = time.perf_counter()
-        for epoch in range(options["memory_epochs"]):
-            if epoch:
-                kecompress.reset_(model, evolution.split, seed=epoch)
-            evolve_epoch(evolution, reporter, epoch, optimizer, schedule)
-    seconds = time.perf_counter() - started
-    return {"peak_rss_kib": _max_rss_kib(), "after_imports_kib": imported_kib, "vm_hwm_kib": _vm_hwm_kib(),
+        display = quiet_display()
+        loop = evolve_loop(options, display)
+
+        def evolve_epochs() -> None:
+            for epoch in range(options["memory_epochs"]):
+                if epoch:
+                    kecompress.reset_(loop.model, loop.split, seed=epoch)
+                evolve_epoch(loop, display, epoch)
+        seconds = timed(evolve_epochs)
+    return {"peak_rss_kib": max_rss_kib(), "after_imports_kib": imported_kib, "vm_hwm_kib": vm_hwm_kib(),
             "seconds": seconds}
 
 
-def _max_rss_kib() -> int:
+def max_rss_kib() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
 
 
-def _vm_hwm_kib() -> int | None:
-    # The kernel's own peak RSS of this address space, a cross-check of ru_maxrss (Linux only).
-    try:
+def vm_hwm_kib() -> int | None:
+    """The kernel's own peak RSS of this address space, a cross-check of ru_maxrss (Linux only)."""
+    with contextlib.suppress(OSError):
         with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
+            return next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), None)
     return None
 
 
@@ -339,91 +221,69 @@ def measure_memory(options: dict) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 def summarise(options: dict, times: dict, memory: dict) -> dict:
-    import torch
-
-    plain = statistics.median(times["plain_epoch_s"])
-    evolve = statistics.median(times["evolve_epoch_s"])
-    reset = statistics.median(times["reset_s"])
-    paired = [e / p for p, e in zip(times["plain_epoch_s"], times["evolve_epoch_s"])]
-    plain_rss, evolve_rss = memory["plain"]["peak_rss_kib"], memory["evolve"]["peak_rss_kib"]
-    growth = {side: memory[side]["peak_rss_kib"] - memory[side]["after_imports_kib"] for side in memory}
-    results = {
-        "epoch_ratio": evolve / plain,
-        "reset_fraction": reset / evolve,
-        "memory_ratio": evolve_rss / plain_rss,
-    }
+    rounds, resets = times["rounds"], times["resets"]
+    plain_s, evolve_s = rounds.results("plain"), rounds.results("evolve")
+    bare_s = rounds.results("bare") if options["breakdown"] else []
+    reset_s = [seconds for batch in resets.results("reset") for seconds in batch]
+    plain, evolve, reset = statistics.median(plain_s), statistics.median(evolve_s), statistics.median(reset_s)
+    paired = [e / p for p, e in zip(plain_s, evolve_s)]
+    rss = {side: memory[side]["peak_rss_kib"] for side in memory}
+    measured = {"epoch_ratio": evolve / plain, "reset_fraction": reset / evolve,
+                "memory_ratio": rss["evolve"] / rss["plain"]}
     return {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": options["threads"], "load_average": _load_average(),
-                    "other_processes_cpus_during_rounds": times["other_processes_cpus"]},
-        "settings": {key: options[key] for key in ("model", "batch_size", "samples", "rate", "rounds",
-                                                   "resets", "image_size", "memory_epochs")}
-                    | {"rounds_run": times["rounds_run"], "rounds_clean": times["rounds_clean"],
-                       "rounds_used": times["rounds_used"], "quiet_cpus": options["quiet_cpus"],
-                       "train_samples": times["train_samples"], "steps_per_epoch": times["steps_per_epoch"],
-                       "data": "kecompress demo digits", "split": "kels"},
+        "machine": {**machine(options["threads"]), "other_processes_cpus_during_rounds": rounds.other_cpus()},
+        "settings": {key: options[key] for key in ("model", "batch_size", "samples", "rate", "rounds", "resets",
+                                                   "image_size", "memory_epochs", "quiet_cpus")}
+                    | {"rounds_run": len(rounds.rounds), "rounds_clean": len(rounds.clean("plain")),
+                       "rounds_used": len(plain_s), "train_samples": times["train_samples"],
+                       "steps_per_epoch": times["steps_per_epoch"], "data": "kecompress demo digits", "split": "kels"},
         "plain_epoch_median_s": plain,
         "evolve_epoch_median_s": evolve,
-        "epoch_ratio": results["epoch_ratio"],
         "paired_epoch_ratios": paired,
         "paired_epoch_ratio_median": statistics.median(paired),
-        "best_epoch_ratio": min(times["evolve_epoch_s"]) / min(times["plain_epoch_s"]),
+        "best_epoch_ratio": min(evolve_s) / min(plain_s),
         # The same comparison made between two halves of the plain epochs themselves (odd and
         # even rounds): how far apart two medians of identical work land in this run.
-        "plain_half_ratio": (statistics.median(times["plain_epoch_s"][0::2])
-                             / statistics.median(times["plain_epoch_s"][1::2])
-                             if len(times["plain_epoch_s"]) >= 2 else None),
+        "plain_half_ratio": (statistics.median(plain_s[0::2]) / statistics.median(plain_s[1::2])
+                             if len(plain_s) >= 2 else None),
         "reset_median_s": reset,
-        "reset_other_processes_cpus": times["reset_other_processes_cpus"],
-        "reset_fraction_of_epoch": results["reset_fraction"],
-        "reporter_per_epoch_median_s": statistics.median(times["reporter_per_epoch_s"]),
+        "reset_other_processes_cpus": resets.other_cpus(),
+        "display_per_epoch_median_s": statistics.median(times["display_per_epoch_s"]),
         "render_median_s": statistics.median(times["render_s"]),
         "refreshes_per_second": times["refreshes_per_second"],
-        "bare_epoch_median_s": statistics.median(times["bare_epoch_s"]) if times["bare_epoch_s"] else None,
-        "samples_for_reset_at_target": math.ceil(reset / TARGET_RESET_FRACTION / evolve * times["train_samples"]),
+        "bare_epoch_median_s": statistics.median(bare_s) if bare_s else None,
+        "samples_for_reset_at_target": math.ceil(reset / TARGETS["reset_fraction"] / evolve * times["train_samples"]),
         "checkpoint_median_s": statistics.median(times["checkpoint_s"]),
         "checkpoint_bytes": times["checkpoint_bytes"],
-        "plain_peak_rss_kib": plain_rss,
-        "evolve_peak_rss_kib": evolve_rss,
-        "memory_ratio": results["memory_ratio"],
-        "rss_growth_after_imports_kib": growth,
+        "peak_rss_kib": rss,
+        "rss_growth_after_imports_kib": {side: rss[side] - memory[side]["after_imports_kib"] for side in memory},
         "memory_children": memory,
-        "raw": {key: times[key] for key in ("plain_epoch_s", "evolve_epoch_s", "bare_epoch_s", "reset_s",
-                                            "reporter_per_epoch_s", "render_s", "checkpoint_s",
-                                            "all_rounds")},
-        "targets": {"epoch_ratio": TARGET_EPOCH_RATIO, "reset_fraction": TARGET_RESET_FRACTION,
-                    "memory_ratio": TARGET_MEMORY_RATIO},
-        "passed": {"epoch_ratio": results["epoch_ratio"] <= TARGET_EPOCH_RATIO,
-                   "reset_fraction": results["reset_fraction"] <= TARGET_RESET_FRACTION,
-                   "memory_ratio": results["memory_ratio"] <= TARGET_MEMORY_RATIO},
+        "raw": {"plain_epoch_s": plain_s, "evolve_epoch_s": evolve_s, "bare_epoch_s": bare_s, "reset_s": reset_s,
+                "display_per_epoch_s": times["display_per_epoch_s"], "render_s": times["render_s"],
+                "checkpoint_s": times["checkpoint_s"],
+                "all_rounds": [{side: [watched.result, watched.other_cpus] for side, watched in round_.items()}
+                               for round_ in rounds.rounds]},
+        "measured": measured,
+        "targets": TARGETS,
+        "passed": {name: measured[name] <= TARGETS[name] for name in TARGETS},
     }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def print_table(summary: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if not console.is_terminal:  # piped or redirected: rich would assume 80 columns
         console = Console(width=110)
-    machine, settings = summary["machine"], summary["settings"]
-    console.print(f"[bold]machine[/]: {machine['platform']}, Python {machine['python']}, "
-                  f"{machine['cpu_count']} CPUs, torch {machine['torch']} "
-                  f"({machine['torch_threads']} threads), load average {machine['load_average']}")
-    others = machine["other_processes_cpus_during_rounds"]
+    described, settings, measured = summary["machine"], summary["settings"], summary["measured"]
+    console.print(f"[bold]machine[/]: {machine_line(described)} ({described['threads']} threads), "
+                  f"load average {described['load_average']}")
+    others = described["other_processes_cpus_during_rounds"]
     if others is not None:
         console.print(f"[bold]rounds[/]: {settings['rounds_clean']} clean of {settings['rounds_run']} run (clean: "
                       f"other processes used <= {settings['quiet_cpus']:g} CPU during each epoch); medians over "
                       f"{settings['rounds_used']} rounds, during which other processes used {others:.2f} of the "
-                      f"{machine['cpu_count']} CPUs on average"
+                      f"{described['cpu_count']} CPUs on average"
                       + ("" if settings["rounds_used"] == settings["rounds_clean"] else
                          ": [yellow]too few clean rounds, all rounds used; the epoch times are noisy, rerun "
                          "on an idle machine[/]"))
@@ -432,107 +292,73 @@ def print_table(summary: dict) -> None:
                   f"({settings['steps_per_epoch']} steps an epoch), {settings['split'].upper()} rate "
                   f"{settings['rate']}; interleaved rounds (plain, evolve) after a warm-up epoch of each")
 
-    def verdict(name: str) -> str:
-        return "[green]pass[/]" if summary["passed"][name] else "[red]FAIL[/]"
+    def target(name: str) -> list[str]:
+        return [f"{measured[name]:.4f}" if name == "reset_fraction" else f"{measured[name]:.3f}",
+                f"<= {TARGETS[name]:.2f}", "[green]pass[/]" if summary["passed"][name] else "[red]FAIL[/]"]
 
-    plain, evolve = summary["plain_epoch_median_s"], summary["evolve_epoch_median_s"]
-    plain_mib, evolve_mib = summary["plain_peak_rss_kib"] / 1024, summary["evolve_peak_rss_kib"] / 1024
-    growth = summary["rss_growth_after_imports_kib"]
-    paired = summary["paired_epoch_ratios"]
-    table = Table(title="Knowledge Evolution loop vs plain PyTorch loop")
-    for header, justify in (("quantity", "left"), ("measured", "right"), ("target", "right"), ("", "center")):
-        table.add_column(header, justify=justify)
-    table.add_row("plain loop epoch (median)", f"{plain:.3f} s", "", "")
-    table.add_row("evolve loop epoch (median, RichReporter)", f"{evolve:.3f} s", "", "")
-    table.add_row("epoch time, evolve / plain", f"{summary['epoch_ratio']:.3f}",
-                  f"<= {TARGET_EPOCH_RATIO:.2f}", verdict("epoch_ratio"))
-    table.add_row("  per-round ratios (median; min-max)",
-                  f"{summary['paired_epoch_ratio_median']:.3f}; {min(paired):.3f}-{max(paired):.3f}", "info", "")
-    table.add_row("  fastest epochs, evolve / plain", f"{summary['best_epoch_ratio']:.3f}", "info", "")
-    if summary["plain_half_ratio"] is not None:
-        table.add_row("  noise: plain odd rounds / plain even rounds", f"{summary['plain_half_ratio']:.3f}",
-                      "info", "")
-    table.add_row("  reporter calls alone, per epoch (median)",
-                  f"{1000 * summary['reporter_per_epoch_median_s']:.1f} ms "
-                  f"({summary['reporter_per_epoch_median_s'] / evolve:.2%})", "info", "")
-    render, refreshes = summary["render_median_s"], summary["refreshes_per_second"]
-    table.add_row("  live display: one render; its refresh thread's CPU",
-                  f"{1000 * render:.2f} ms x {refreshes:g}/s = {render * refreshes:.1%} of a core", "info", "")
-    if summary["bare_epoch_median_s"] is not None:
-        table.add_row("  evolve loop without reporter / plain (median)",
-                      f"{summary['bare_epoch_median_s'] / plain:.3f}", "info", "")
-    reset_others = summary["reset_other_processes_cpus"]
-    table.add_row("reset_ (median)", f"{1000 * summary['reset_median_s']:.1f} ms"
-                  + ("" if reset_others is None or reset_others <= settings["quiet_cpus"] else
-                     f" [yellow](noisy: others used {reset_others:.2f} CPUs)[/]"), "", "")
-    table.add_row("reset_ / evolve epoch", f"{summary['reset_fraction_of_epoch']:.4f}",
-                  f"<= {TARGET_RESET_FRACTION:.2f}", verdict("reset_fraction"))
-    table.add_row("  training images an epoch needs for reset_ <= target",
-                  f"{summary['samples_for_reset_at_target']:,} (here {settings['train_samples']:,})", "info", "")
-    checkpoint = summary["checkpoint_median_s"]
-    table.add_row("  checkpoint the CLI writes each epoch (median)",
-                  f"{1000 * checkpoint:.0f} ms ({checkpoint / evolve:.1%}, "
-                  f"{summary['checkpoint_bytes'] / 2**20:.0f} MiB)",
-                  "info", "")
-    table.add_row("peak RSS, plain child", f"{plain_mib:,.0f} MiB", "", "")
-    table.add_row("peak RSS, evolve child", f"{evolve_mib:,.0f} MiB", "", "")
-    table.add_row("peak RSS, evolve / plain", f"{summary['memory_ratio']:.3f}",
-                  f"<= {TARGET_MEMORY_RATIO:.2f}", verdict("memory_ratio"))
-    table.add_row("  growth above post-import RSS, evolve / plain",
-                  f"{growth['evolve'] / 1024:,.0f} / {growth['plain'] / 1024:,.0f} MiB "
-                  f"= {growth['evolve'] / max(growth['plain'], 1):.3f}", "info", "")
-    console.print(table)
+    evolve, paired, growth = summary["evolve_epoch_median_s"], summary["paired_epoch_ratios"], \
+        summary["rss_growth_after_imports_kib"]
+    display, render, refreshes = (summary[key] for key in ("display_per_epoch_median_s", "render_median_s",
+                                                           "refreshes_per_second"))
+    reset_others, checkpoint = summary["reset_other_processes_cpus"], summary["checkpoint_median_s"]
+    rows = [
+        ["plain loop epoch (median)", f"{summary['plain_epoch_median_s']:.3f} s", "", ""],
+        ["evolve loop epoch (median, RichProgress)", f"{evolve:.3f} s", "", ""],
+        ["epoch time, evolve / plain", *target("epoch_ratio")],
+        ["  per-round ratios (median; min-max)",
+         f"{summary['paired_epoch_ratio_median']:.3f}; {min(paired):.3f}-{max(paired):.3f}", "info", ""],
+        ["  fastest epochs, evolve / plain", f"{summary['best_epoch_ratio']:.3f}", "info", ""],
+        *([["  noise: plain odd rounds / plain even rounds", f"{summary['plain_half_ratio']:.3f}", "info", ""]]
+          if summary["plain_half_ratio"] is not None else []),
+        ["  display callbacks alone, per epoch (median)", f"{1000 * display:.1f} ms ({display / evolve:.2%})",
+         "info", ""],
+        ["  live display: one render; its refresh thread's CPU",
+         f"{1000 * render:.2f} ms x {refreshes:g}/s = {render * refreshes:.1%} of a core", "info", ""],
+        *([["  evolve loop without callbacks / plain (median)",
+            f"{summary['bare_epoch_median_s'] / summary['plain_epoch_median_s']:.3f}", "info", ""]]
+          if summary["bare_epoch_median_s"] is not None else []),
+        ["reset_ (median)", f"{1000 * summary['reset_median_s']:.1f} ms"
+         + ("" if reset_others is None or reset_others <= settings["quiet_cpus"] else
+            f" [yellow](noisy: others used {reset_others:.2f} CPUs)[/]"), "", ""],
+        ["reset_ / evolve epoch", *target("reset_fraction")],
+        ["  training images an epoch needs for reset_ <= target",
+         f"{summary['samples_for_reset_at_target']:,} (here {settings['train_samples']:,})", "info", ""],
+        ["  checkpoint the CLI writes each epoch (median)", f"{1000 * checkpoint:.0f} ms ({checkpoint / evolve:.1%}, "
+         f"{summary['checkpoint_bytes'] / 2**20:.0f} MiB)", "info", ""],
+        *[[f"peak RSS, {side} child", f"{summary['peak_rss_kib'][side] / 1024:,.0f} MiB", "", ""]
+          for side in ("plain", "evolve")],
+        ["peak RSS, evolve / plain", *target("memory_ratio")],
+        ["  growth above post-import RSS, evolve / plain", f"{growth['evolve'] / 1024:,.0f} / "
+         f"{growth['plain'] / 1024:,.0f} MiB = {growth['evolve'] / max(growth['plain'], 1):.3f}", "info", ""],
+    ]
+    console.print(rich_table("Knowledge Evolution loop vs plain PyTorch loop", ["quantity", "measured", "target", ""],
+                             rows))
     raw = summary["raw"]
-    console.print("epochs (s) of the rounds used, plain: " + " ".join(f"{t:.2f}" for t in raw["plain_epoch_s"]))
-    console.print("epochs (s), evolve: " + " ".join(f"{t:.2f}" for t in raw["evolve_epoch_s"]))
-    if summary["raw"]["bare_epoch_s"]:
-        console.print("epochs (s), evolve without reporter: "
-                      + " ".join(f"{t:.2f}" for t in summary["raw"]["bare_epoch_s"]))
+    for name, key in (("epochs (s) of the rounds used, plain", "plain_epoch_s"),
+                      ("epochs (s), evolve", "evolve_epoch_s"),
+                      ("epochs (s), evolve without callbacks", "bare_epoch_s")):
+        if raw[key]:
+            console.print(f"{name}: " + " ".join(f"{seconds:.2f}" for seconds in raw[key]))
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="resnet18", help="torchvision architecture, random init")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=640,
-                        help="use only the first N training images (0: all) to keep an epoch short")
-    parser.add_argument("--rounds", type=int, default=30,
-                        help="clean interleaved (plain, evolve) epoch pairs wanted")
-    parser.add_argument("--max-rounds", type=int, default=0,
-                        help="rounds to run at most while looking for --rounds clean ones (0: twice --rounds)")
-    parser.add_argument("--time-limit", type=float, default=300,
-                        help="seconds after which no further rounds start (at least 3 rounds run)")
-    parser.add_argument("--quiet-cpus", type=float, default=0.1,
-                        help="a round is clean when other processes used at most this many CPUs meanwhile")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
-    parser.add_argument("--resets", type=int, default=7, help="timed reset_ calls")
+    parser = rounds_parser(__doc__.split("\n\n")[0], samples=640, rounds=30, time_limit=300, quiet_cpus=0.1)
+    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1, help="torch.set_num_threads")
+    parser.add_argument("--resets", type=at_least(1), default=7, help="timed reset_ calls")
     parser.add_argument("--rate", type=float, default=0.5, help="KELS split rate")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--memory-epochs", type=int, default=2, help="epochs each memory child trains")
+    parser.add_argument("--memory-epochs", type=at_least(1), default=2, help="epochs each memory child trains")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also interleave the evolve loop without a reporter, to attribute the overhead")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "rounds", "threads", "resets", "memory_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.samples < 0:
-        parser.error("--samples must be 0 or more")
-    options = vars(args)
-    if args.max_rounds < 0 or args.quiet_cpus < 0 or args.time_limit < 0:
-        parser.error("--max-rounds, --quiet-cpus and --time-limit must be 0 or more")
-    options["max_rounds"] = max(args.max_rounds or 2 * args.rounds, args.rounds)
+                        help="also interleave the evolve loop without callbacks, to attribute the overhead")
+    options = parse_rounds(parser, argv)
     # Every side steps the one shared schedule: make it long enough that no epoch runs past its end.
-    options["epochs_in_schedule"] = 3 * (options["max_rounds"] + 1) + args.memory_epochs
+    options["epochs_in_schedule"] = 3 * (options["max_rounds"] + 1) + options["memory_epochs"]
     return options
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     memory = measure_memory(options)  # first, while this process is still small (see the imports)
-    times = measure_times(options)
-    summary = summarise(options, times, memory)
+    summary = summarise(options, measure_times(options), memory)
     if options["json"]:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -541,4 +367,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("train_overhead", main))

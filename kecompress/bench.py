@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,7 @@ RUNTIMES = ("onnxruntime", "torch")
 # machine (measured: ResNet18, 2 threads, 17.9 -> 35.8 ms). Stopping the spin at the end of each
 # run keeps the spin inside runs, where it speeds them up.
 _TIMING_CONFIG = {"session.force_spinning_stop": "1"}
-_PREFIX = {"onnxruntime": "ort", "torch": "torch"}
-_FIELDS = ("dense_median_ms", "dense_p90_ms", "fit_median_ms", "fit_p90_ms", "speedup", "efficiency")
+_PREFIX = {"onnxruntime": "ort", "torch": "torch"}  # of the runtimes' keys in JSON
 
 
 def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int, int]:
@@ -62,8 +62,95 @@ def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int,
     return int(macs), int(params)
 
 
+@dataclass(frozen=True)
+class RuntimeLatency:
+    """Latency of the dense and the fit network in one runtime, in milliseconds.
+
+    Example:
+        >>> RuntimeLatency.measured([8.0, 9.0], [2.0, 2.5], macs_ratio=4.0).efficiency
+        0.9444444444444444
+    """
+
+    dense_median_ms: float
+    dense_p90_ms: float
+    fit_median_ms: float
+    fit_p90_ms: float
+    speedup: float  # dense median / fit median
+    efficiency: float  # speedup / MAC ratio: 1 means the fit gains all that its MACs promise
+
+    @classmethod
+    def measured(cls, dense_ms: list[float], fit_ms: list[float], macs_ratio: float) -> "RuntimeLatency":
+        """The medians, 90th percentiles, speedup and efficiency of timed runs."""
+        speedup = float(np.median(dense_ms) / np.median(fit_ms))
+        return cls(float(np.median(dense_ms)), float(np.percentile(dense_ms, 90)), float(np.median(fit_ms)),
+                   float(np.percentile(fit_ms, 90)), speedup, speedup / macs_ratio)
+
+
+@dataclass(frozen=True)
+class BatchLatency:
+    """The latencies at one batch size: per runtime, None when it was not timed.
+
+    Example:
+        >>> row = BatchLatency(1, 4.0, onnxruntime=None, torch=RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0))
+        >>> row.to_json()["torch_speedup"], row.to_json()["ort_speedup"]
+        (4.0, None)
+    """
+
+    batch_size: int
+    macs_ratio: float
+    onnxruntime: RuntimeLatency | None
+    torch: RuntimeLatency | None
+
+    def runtime(self, name: str) -> RuntimeLatency | None:
+        """The latencies of runtime ``name`` (``"onnxruntime"`` or ``"torch"``)."""
+        return getattr(self, name)
+
+    def to_json(self) -> dict:
+        """The row as earlier versions wrote it: each runtime's fields prefixed ``ort_`` or ``torch_``."""
+        row = {"batch_size": self.batch_size, "macs_ratio": self.macs_ratio}
+        for runtime in RUNTIMES:
+            latency = self.runtime(runtime)
+            row.update({f"{_PREFIX[runtime]}_{item.name}": getattr(latency, item.name) if latency else None
+                        for item in fields(RuntimeLatency)})
+        return row
+
+
+@dataclass(frozen=True)
+class NetworkCost:
+    """Multiply-accumulates of one sample's forward pass, and parameters."""
+
+    macs: int
+    params: int
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """What :func:`measure_latency` measured: the machine, the settings, each network's cost, the
+    MAC ratio (dense / fit) and one :class:`BatchLatency` per batch size.
+
+    Example:
+        >>> row = BatchLatency(1, 4.0, RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0), None)
+        >>> result = LatencyResult({}, {}, NetworkCost(40, 10), NetworkCost(10, 3), 4.0, [row])
+        >>> list(result.to_json()), result.results[0].onnxruntime.speedup
+        (['machine', 'settings', 'dense', 'fit', 'macs_ratio', 'results'], 4.0)
+    """
+
+    machine: dict
+    settings: dict
+    dense: NetworkCost
+    fit: NetworkCost
+    macs_ratio: float
+    results: list[BatchLatency]
+
+    def to_json(self) -> dict:
+        """The JSON of ``kecompress bench --json``, with the keys earlier versions wrote."""
+        return {"machine": self.machine, "settings": self.settings, "dense": asdict(self.dense),
+                "fit": asdict(self.fit), "macs_ratio": self.macs_ratio,
+                "results": [row.to_json() for row in self.results]}
+
+
 def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224), batch_sizes=(1,),
-                    runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50) -> dict:
+                    runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50) -> LatencyResult:
     """Time the dense and the fit network on the CPU, interleaved, in each runtime.
 
     For onnxruntime both networks are exported (static shapes, opset 17) to a temporary
@@ -85,13 +172,10 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         runs: timed runs of each network.
 
     Returns:
-        A JSON-able dict: ``machine`` (processor, cpu count, versions, threads), ``settings``,
-        ``dense`` and ``fit`` (``macs`` per sample, ``params``), ``macs_ratio``, and ``results``:
-        one dict per batch size with ``batch_size``, ``macs_ratio`` and, per runtime (prefix
-        ``ort_`` or ``torch_``; ``None`` when not measured), ``*_dense_median_ms``,
-        ``*_dense_p90_ms``, ``*_fit_median_ms``, ``*_fit_p90_ms``, ``*_speedup`` (dense median
-        / fit median) and ``*_efficiency`` (speedup / MAC ratio; 1 means the fit gains all that
-        its MACs promise).
+        A :class:`LatencyResult`: the machine (processor, cpu count, versions, threads), the
+        settings, the cost of each network, the MAC ratio, and per batch size the medians, 90th
+        percentiles, speedup and efficiency of each runtime timed (None for the others).
+        ``to_json()`` gives it as ``kecompress bench --json`` prints it.
 
     Raises:
         KecompressError: an unknown runtime, a non-positive count, or models not on the CPU.
@@ -102,44 +186,25 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         >>> x = torch.randn(1, 3, 64, 64)
         >>> fit = kecompress.slice_fit(dense, kecompress.split(dense, "kels", 0.5, x), x)
         >>> result = measure_latency(dense, fit, (3, 64, 64), warmup=1, runs=3)
-        >>> sorted(k for k in result["results"][0] if k.endswith("speedup"))
-        ['ort_speedup', 'torch_speedup']
+        >>> result.results[0].onnxruntime.speedup > 0, result.results[0].torch.speedup > 0
+        (True, True)
     """
     runtimes = _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs)
-    dense_macs, dense_params = count_macs_params(dense, input_shape)
-    fit_macs, fit_params = count_macs_params(fit, input_shape)
-    macs_ratio = dense_macs / fit_macs
+    dense_cost = NetworkCost(*count_macs_params(dense, input_shape))
+    fit_cost = NetworkCost(*count_macs_params(fit, input_shape))
+    macs_ratio = dense_cost.macs / fit_cost.macs
     results = []
     for batch_size in batch_sizes:
         sample = example_input(dense, input_shape, batch_size)
         sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))
-        row = {"batch_size": int(batch_size), "macs_ratio": macs_ratio}
-        for runtime in RUNTIMES:
-            prefix = _PREFIX[runtime]
-            if runtime not in runtimes:
-                row.update({f"{prefix}_{key}": None for key in _FIELDS})
-                continue
-            timer = _time_onnxruntime if runtime == "onnxruntime" else _time_torch
-            dense_ms, fit_ms = timer(dense, fit, sample, threads, warmup, runs)
-            speedup = float(np.median(dense_ms) / np.median(fit_ms))
-            row.update({
-                f"{prefix}_dense_median_ms": float(np.median(dense_ms)),
-                f"{prefix}_dense_p90_ms": float(np.percentile(dense_ms, 90)),
-                f"{prefix}_fit_median_ms": float(np.median(fit_ms)),
-                f"{prefix}_fit_p90_ms": float(np.percentile(fit_ms, 90)),
-                f"{prefix}_speedup": speedup,
-                f"{prefix}_efficiency": speedup / macs_ratio,
-            })
-        results.append(row)
-    return {
-        "machine": machine_description(threads),
-        "settings": {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
-                     "runtimes": list(runtimes)},
-        "dense": {"macs": dense_macs, "params": dense_params},
-        "fit": {"macs": fit_macs, "params": fit_params},
-        "macs_ratio": macs_ratio,
-        "results": results,
-    }
+        timers = {"onnxruntime": _time_onnxruntime, "torch": _time_torch}
+        latencies = {runtime: RuntimeLatency.measured(*timers[runtime](dense, fit, sample, threads, warmup, runs),
+                                                      macs_ratio=macs_ratio) if runtime in runtimes else None
+                     for runtime in RUNTIMES}
+        results.append(BatchLatency(int(batch_size), macs_ratio, **latencies))
+    settings = {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
+                "runtimes": list(runtimes)}
+    return LatencyResult(machine_description(threads), settings, dense_cost, fit_cost, macs_ratio, results)
 
 
 def machine_description(threads: int | None = None) -> dict:
@@ -154,15 +219,12 @@ def machine_description(threads: int | None = None) -> dict:
             "onnxruntime": ort.__version__, "threads": threads}
 
 
-def latency_table(result: dict, title: str = "Latency, dense vs fit") -> Table:
+def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -> Table:
     """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size.
 
     Example:
-        >>> row = {"batch_size": 1, "macs_ratio": 4.0, "ort_dense_median_ms": 8.0, "ort_dense_p90_ms": 9.0,
-        ...        "ort_fit_median_ms": 2.0, "ort_fit_p90_ms": 2.5, "ort_speedup": 4.0, "ort_efficiency": 1.0,
-        ...        "torch_dense_median_ms": None, "torch_dense_p90_ms": None, "torch_fit_median_ms": None,
-        ...        "torch_fit_p90_ms": None, "torch_speedup": None, "torch_efficiency": None}
-        >>> latency_table({"results": [row]}).row_count
+        >>> row = BatchLatency(1, 4.0, RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0), torch=None)
+        >>> latency_table(LatencyResult({}, {}, NetworkCost(40, 10), NetworkCost(10, 3), 4.0, [row])).row_count
         1
     """
     table = Table(title=title, caption="latency: median / 90th percentile ms; efficiency: speedup / MAC ratio")
@@ -171,17 +233,24 @@ def latency_table(result: dict, title: str = "Latency, dense vs fit") -> Table:
     for name in ("ORT", "torch"):
         for column in ("dense ms", "fit ms", "speedup", "efficiency"):
             table.add_column(f"{name} {column}", justify="right")
-    for row in result["results"]:
-        cells = [str(row["batch_size"]), f"{row['macs_ratio']:.2f}x"]
-        for prefix in ("ort", "torch"):
-            if row[f"{prefix}_speedup"] is None:
-                cells += ["-"] * 4
-                continue
-            cells += [f"{row[f'{prefix}_dense_median_ms']:.2f} / {row[f'{prefix}_dense_p90_ms']:.2f}",
-                      f"{row[f'{prefix}_fit_median_ms']:.2f} / {row[f'{prefix}_fit_p90_ms']:.2f}",
-                      f"{row[f'{prefix}_speedup']:.2f}x", f"{row[f'{prefix}_efficiency']:.2f}"]
+    for row in result.results:
+        cells = [str(row.batch_size), f"{row.macs_ratio:.2f}x"]
+        for runtime in RUNTIMES:
+            latency = row.runtime(runtime)
+            cells += latency_cells(latency) + [f"{latency.efficiency:.2f}"] if latency else ["-"] * 4
         table.add_row(*cells)
     return table
+
+
+def latency_cells(latency: RuntimeLatency) -> list[str]:
+    """The dense and fit latency (median / 90th percentile ms) and the speedup, as table cells.
+
+    Example:
+        >>> latency_cells(RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0))
+        ['8.00 / 9.00', '2.00 / 2.50', '4.00x']
+    """
+    return [f"{latency.dense_median_ms:.2f} / {latency.dense_p90_ms:.2f}",
+            f"{latency.fit_median_ms:.2f} / {latency.fit_p90_ms:.2f}", f"{latency.speedup:.2f}x"]
 
 
 def _time_interleaved(run_dense, run_fit, warmup: int, runs: int) -> tuple[list[float], list[float]]:

@@ -320,7 +320,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
     dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_json(), indent=2))
     else:
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
 

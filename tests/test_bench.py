@@ -28,28 +28,48 @@ def test_fit_at_rate_half_has_about_a_quarter_of_the_macs(resnet18_pair):
     assert 3.3 <= dense_macs / fit_macs <= 4.1  # about 1 / rate**2; the stem keeps its RGB inputs
 
 
+# The keys of `kecompress bench --json`, as earlier versions wrote them.
+JSON_ROW_KEYS = ["batch_size", "macs_ratio"] + [f"{runtime}_{key}" for runtime in ("ort", "torch") for key in (
+    "dense_median_ms", "dense_p90_ms", "fit_median_ms", "fit_p90_ms", "speedup", "efficiency")]
+
+
 def test_measure_latency_reports_every_field(resnet18_pair):
     dense, fit = resnet18_pair
     threads = torch.get_num_threads()
     result = measure_latency(dense, fit, (3, 32, 32), batch_sizes=(1, 2), threads=threads + 1, warmup=1, runs=3)
-    json.dumps(result)  # JSON-able as it is
     assert torch.get_num_threads() == threads and dense.training and fit.training
-    assert {"processor", "cpu_count", "torch", "onnxruntime", "threads"} <= set(result["machine"])
-    assert result["fit"]["macs"] < result["dense"]["macs"]
-    assert [row["batch_size"] for row in result["results"]] == [1, 2]
-    for row in result["results"]:
-        for runtime in ("ort", "torch"):
-            for key in ("dense_median_ms", "dense_p90_ms", "fit_median_ms", "fit_p90_ms", "speedup", "efficiency"):
-                assert row[f"{runtime}_{key}"] > 0
-        assert row["macs_ratio"] == result["macs_ratio"]
-        assert row["ort_efficiency"] == pytest.approx(row["ort_speedup"] / row["macs_ratio"])
+    assert {"processor", "cpu_count", "torch", "onnxruntime", "threads"} <= set(result.machine)
+    assert result.fit.macs < result.dense.macs
+    assert [row.batch_size for row in result.results] == [1, 2]
+    for row in result.results:
+        for latency in (row.onnxruntime, row.torch):
+            for value in (latency.dense_median_ms, latency.dense_p90_ms, latency.fit_median_ms, latency.fit_p90_ms,
+                          latency.speedup, latency.efficiency):
+                assert value > 0
+            assert latency.dense_median_ms <= latency.dense_p90_ms and latency.fit_median_ms <= latency.fit_p90_ms
+            assert latency.speedup == pytest.approx(latency.dense_median_ms / latency.fit_median_ms)
+        assert row.macs_ratio == result.macs_ratio
+        assert row.onnxruntime.efficiency == pytest.approx(row.onnxruntime.speedup / row.macs_ratio)
     assert latency_table(result).row_count == 2
+
+
+def test_the_json_keeps_the_keys_and_values_earlier_versions_wrote(resnet18_pair):
+    result = measure_latency(*resnet18_pair, (3, 32, 32), threads=1, warmup=0, runs=2)
+    written = json.loads(json.dumps(result.to_json()))  # JSON-able as it is
+    assert list(written) == ["machine", "settings", "dense", "fit", "macs_ratio", "results"]
+    assert written["dense"] == {"macs": result.dense.macs, "params": result.dense.params}
+    assert written["settings"] == {"input_shape": [3, 32, 32], "warmup": 0, "runs": 2,
+                                   "runtimes": ["onnxruntime", "torch"]}
+    row, typed = written["results"][0], result.results[0]
+    assert list(row) == JSON_ROW_KEYS
+    assert row["ort_fit_p90_ms"] == typed.onnxruntime.fit_p90_ms and row["torch_speedup"] == typed.torch.speedup
 
 
 def test_runtimes_not_asked_for_are_none(resnet18_pair):
     result = measure_latency(*resnet18_pair, (3, 32, 32), runtimes=("torch",), threads=1, warmup=0, runs=1)
-    row = result["results"][0]
-    assert row["ort_speedup"] is None and row["torch_speedup"] > 0
+    row = result.results[0]
+    assert row.onnxruntime is None and row.torch.speedup > 0
+    assert row.to_json()["ort_speedup"] is None and list(row.to_json()) == JSON_ROW_KEYS
     assert latency_table(result).row_count == 1
 
 

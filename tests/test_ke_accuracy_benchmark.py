@@ -14,7 +14,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ke_accuracy.py
 def bench():
     spec = importlib.util.spec_from_file_location("ke_accuracy", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPT.parent))  # as running the script does: for its `from common import`
+        spec.loader.exec_module(module)
     return module
 
 
