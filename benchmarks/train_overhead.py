@@ -9,7 +9,10 @@ schedule (``kecompress.experiment.build`` of ``kecompress evolve MODEL`` on the 
    medians are compared;
 2. the reset step (``kecompress.reset_``) as a fraction of one median epoch (target <= 0.01);
 3. peak memory (max RSS) of each side, each in its own fresh ``spawn`` child process doing the
-   same work (target <= 1.10x).
+   same work (target <= 1.10x);
+4. an epoch with in-place distillation of the fit network (``--distill-fit``: the fit's slim
+   forward and backward in every step) over an evolve epoch without, interleaved in the same
+   rounds (target <= 1.40).
 
 Nothing printed is hard-coded: every figure is measured in this run. Both loops take turns to
 train one model with one optimizer, so that the loop code is the only difference. Other
@@ -48,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from common import (Rounds, at_least, digits_run, machine, machine_line, parse_rounds, rich_table,  # noqa: E402
                     rounds_parser, run_script, timed, watch)
 
-TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10}
+TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10, "distill_ratio": 1.40}
 
 
 def digits(options: dict):
@@ -101,12 +104,25 @@ def evolve_epoch(loop, display, epoch: int) -> float:
         return timed(lambda: loop.train_epoch(1, epoch))
 
 
+def distilled_epoch(loop, display, fit_pass, epoch: int) -> float:
+    """Seconds of one evolve epoch whose steps also distil the fit network, as ``--distill-fit``
+    trains: the loop's own training step, given the distillation for this epoch only."""
+    from kecompress.distillation import FitDistillation
+
+    loop.step.distillation, loop.step.fit_pass = FitDistillation(), fit_pass
+    try:
+        return evolve_epoch(loop, display, epoch)
+    finally:
+        loop.step.distillation = loop.step.fit_pass = None
+
+
 # -- 1 and 2: epoch times, reset, in this process ----------------------------------------------
 def measure_times(options: dict) -> dict:
     import torch
 
     import kecompress
     from kecompress.checkpoint import checkpoint_state
+    from kecompress.distillation import FitPass
     from kecompress.rundir import RunDirectory
 
     torch.set_num_threads(options["threads"])
@@ -118,6 +134,8 @@ def measure_times(options: dict) -> dict:
     sides = {"plain": lambda epoch: timed(lambda: plain_epoch(model, loader, loop.optimizer, loop.schedule,
                                                               loop.loss_fn)),
              "evolve": lambda epoch: evolve_epoch(loop, display, epoch)}
+    fit_pass = FitPass(model, loop.split, loop.example_input())
+    sides["distill"] = lambda epoch: distilled_epoch(loop, display, fit_pass, epoch)
     if options["breakdown"]:
         sides["bare"] = lambda epoch: evolve_epoch(loop, None, epoch)
     for side in sides.values():
@@ -222,14 +240,14 @@ def measure_memory(options: dict) -> dict:
 # -- report -------------------------------------------------------------------------------------
 def summarise(options: dict, times: dict, memory: dict) -> dict:
     rounds, resets = times["rounds"], times["resets"]
-    plain_s, evolve_s = rounds.results("plain"), rounds.results("evolve")
+    plain_s, evolve_s, distill_s = rounds.results("plain"), rounds.results("evolve"), rounds.results("distill")
     bare_s = rounds.results("bare") if options["breakdown"] else []
     reset_s = [seconds for batch in resets.results("reset") for seconds in batch]
     plain, evolve, reset = statistics.median(plain_s), statistics.median(evolve_s), statistics.median(reset_s)
     paired = [e / p for p, e in zip(plain_s, evolve_s)]
     rss = {side: memory[side]["peak_rss_kib"] for side in memory}
     measured = {"epoch_ratio": evolve / plain, "reset_fraction": reset / evolve,
-                "memory_ratio": rss["evolve"] / rss["plain"]}
+                "memory_ratio": rss["evolve"] / rss["plain"], "distill_ratio": statistics.median(distill_s) / evolve}
     return {
         "machine": {**machine(options["threads"]), "other_processes_cpus_during_rounds": rounds.other_cpus()},
         "settings": {key: options[key] for key in ("model", "batch_size", "samples", "rate", "rounds", "resets",
@@ -258,7 +276,9 @@ def summarise(options: dict, times: dict, memory: dict) -> dict:
         "peak_rss_kib": rss,
         "rss_growth_after_imports_kib": {side: rss[side] - memory[side]["after_imports_kib"] for side in memory},
         "memory_children": memory,
+        "distill_epoch_median_s": statistics.median(distill_s),
         "raw": {"plain_epoch_s": plain_s, "evolve_epoch_s": evolve_s, "bare_epoch_s": bare_s, "reset_s": reset_s,
+                "distill_epoch_s": distill_s,
                 "display_per_epoch_s": times["display_per_epoch_s"], "render_s": times["render_s"],
                 "checkpoint_s": times["checkpoint_s"],
                 "all_rounds": [{side: [watched.result, watched.other_cpus] for side, watched in round_.items()}
@@ -290,7 +310,8 @@ def print_table(summary: dict) -> None:
     console.print(f"[bold]work[/]: {settings['model']} on the {settings['data']} ({settings['image_size']}px), "
                   f"{settings['train_samples']} training images, batch {settings['batch_size']} "
                   f"({settings['steps_per_epoch']} steps an epoch), {settings['split'].upper()} rate "
-                  f"{settings['rate']}; interleaved rounds (plain, evolve) after a warm-up epoch of each")
+                  f"{settings['rate']}; interleaved rounds (plain, evolve, evolve distilling the fit) after a "
+                  "warm-up epoch of each")
 
     def target(name: str) -> list[str]:
         return [f"{measured[name]:.4f}" if name == "reset_fraction" else f"{measured[name]:.3f}",
@@ -328,6 +349,8 @@ def print_table(summary: dict) -> None:
         *[[f"peak RSS, {side} child", f"{summary['peak_rss_kib'][side] / 1024:,.0f} MiB", "", ""]
           for side in ("plain", "evolve")],
         ["peak RSS, evolve / plain", *target("memory_ratio")],
+        ["evolve loop epoch with in-place distillation (median)", f"{summary['distill_epoch_median_s']:.3f} s", "", ""],
+        ["epoch time, distilling the fit / evolve", *target("distill_ratio")],
         ["  growth above post-import RSS, evolve / plain", f"{growth['evolve'] / 1024:,.0f} / "
          f"{growth['plain'] / 1024:,.0f} MiB = {growth['evolve'] / max(growth['plain'], 1):.3f}", "info", ""],
     ]
@@ -336,7 +359,8 @@ def print_table(summary: dict) -> None:
     raw = summary["raw"]
     for name, key in (("epochs (s) of the rounds used, plain", "plain_epoch_s"),
                       ("epochs (s), evolve", "evolve_epoch_s"),
-                      ("epochs (s), evolve without callbacks", "bare_epoch_s")):
+                      ("epochs (s), evolve without callbacks", "bare_epoch_s"),
+                      ("epochs (s), evolve distilling the fit", "distill_epoch_s")):
         if raw[key]:
             console.print(f"{name}: " + " ".join(f"{seconds:.2f}" for seconds in raw[key]))
 

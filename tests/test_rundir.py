@@ -114,7 +114,8 @@ def test_the_command_line_refuses_to_resume_with_other_settings(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     shutil.copytree(LANDED / "landed_cli_run", "run")
     shutil.copy(LANDED / "tiny.pt", "tiny.pt")
-    for changed, named in ((["--lr", "0.1"], "lr"),  # (the last of a repeated option counts) (["--fit-batchnorm", "inherited"], "fit_batchnorm"),
+    # (The last of a repeated option counts.)
+    for changed, named in ((["--lr", "0.1"], "lr"), (["--fit-batchnorm", "inherited"], "fit_batchnorm"),
                            (["--batch-size", "128"], "batch_size")):
         status = main([*LANDED_CLI, *changed, "--out", "run", "--resume"])
         err = capsys.readouterr().err
