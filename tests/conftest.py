@@ -84,3 +84,16 @@ def terminal_sigint_in_child() -> None:
     action, which Python turns into KeyboardInterrupt, even when this shell ignores SIGINT
     (ignored signals are inherited across exec)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def small_evolution(run_dir=None, generations: int = 2, **options):
+    """The loop's tests' run: :func:`small_cnn` on :func:`loaders`, KELS 0.5, ``generations``
+    generations of 2 epochs (5 steps each), seeded, with the Evolution ``options`` given."""
+    from kecompress import Evolution, TrainingConfig, split
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    the_split = split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    train, val = loaders()
+    return Evolution(model, the_split, train, val, TrainingConfig(generations=generations, epochs=2, lr=0.05, seed=4),
+                     run_dir=run_dir, **options)

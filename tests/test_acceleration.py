@@ -10,22 +10,17 @@ import torch
 import torch.nn as nn
 
 import kecompress
-from kecompress import Callback, Evolution, KecompressError, TrainingConfig
+from kecompress import Callback, KecompressError
 from kecompress.cli import main
 from kecompress.interrupt import RunInterrupted
 from kecompress.acceleration import MixedPrecision
 from kecompress.rundir import load_run
 
-from conftest import loaders, small_cnn
+from conftest import small_evolution
 
 
-def evolution(run_dir=None, callbacks=(), **options):
-    torch.manual_seed(0)
-    model = small_cnn()
-    split = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
-    train, val = loaders()
-    return Evolution(model, split, train, val, TrainingConfig(generations=2, epochs=2, lr=0.05, seed=4),
-                     run_dir=run_dir, callbacks=callbacks, **options)
+def evolution(run_dir=None, **options):
+    return small_evolution(run_dir, **options)
 
 
 class ConvOutputs:

@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 
 import kecompress
-from kecompress import Evolution, TrainingConfig
+from kecompress import Evolution
 from kecompress.cli import main
 from kecompress.distillation import FitDistillation, FitPass
 from kecompress.interrupt import RunInterrupted
 from kecompress.rundir import RunDirectory, load_fit
 
-from conftest import build, loaders, randomise_batchnorm, small_cnn
+from conftest import build, loaders, randomise_batchnorm, small_cnn, small_evolution
 
 ARCHS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn", "regnet_x_400mf"]
 
@@ -50,15 +50,6 @@ def test_the_wels_fit_pass_is_the_masked_dense_network():
             assert not param.grad[~split.masks[name]].any()
 
 
-def distilled(run_dir=None, callbacks=(), **options):
-    torch.manual_seed(0)
-    model = small_cnn()
-    split = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
-    train, val = loaders()
-    return Evolution(model, split, train, val, TrainingConfig(generations=2, epochs=2, lr=0.05, seed=4),
-                     run_dir=run_dir, callbacks=callbacks, **options)
-
-
 class StopAtStep(kecompress.Callback):
     def __init__(self, step):
         self.step, self.steps = step, 0
@@ -78,11 +69,11 @@ def strip(history):
     ({"finetune_fit": 2}, 23),  # inside the fine-tuning's second epoch (4 x 5 steps before it)
     ({"fit_distillation": FitDistillation(), "finetune_fit": 2}, 21)])
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path, options, stop_at):
-    reference = distilled(**options)
+    reference = small_evolution(**options)
     reference_history = reference.run()
     with pytest.raises(RunInterrupted):
-        distilled(tmp_path, callbacks=[StopAtStep(stop_at)], **options).run()
-    resumed = distilled(tmp_path, **options).resume()
+        small_evolution(tmp_path, callbacks=[StopAtStep(stop_at)], **options).run()
+    resumed = small_evolution(tmp_path, **options).resume()
     assert strip(resumed.run()) == strip(reference_history)
     assert all(torch.equal(value, reference.model.state_dict()[key]) for key, value in resumed.model.state_dict().items())
     assert all(torch.equal(value, reference.fit.state_dict()[key]) for key, value in resumed.fit.state_dict().items())
@@ -91,15 +82,15 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path, options, stop_at):
 
 
 def test_distillation_changes_training_and_its_settings_are_the_runs_identity(tmp_path):
-    plain, with_distillation = distilled().run(), distilled(tmp_path, fit_distillation=FitDistillation()).run()
+    plain, with_distillation = small_evolution().run(), small_evolution(tmp_path, fit_distillation=FitDistillation()).run()
     assert strip(plain) != strip(with_distillation)
     assert RunDirectory(tmp_path).read_config().distill_fit["temperature"] == 1.0
     with pytest.raises(kecompress.KecompressError, match="differs in distill_fit"):
-        distilled(tmp_path).resume()
+        small_evolution(tmp_path).resume()
 
 
 def test_fine_tuning_trains_the_fit_alone_records_it_and_saves_it(tmp_path):
-    loop = distilled(tmp_path, finetune_fit=3)
+    loop = small_evolution(tmp_path, finetune_fit=3)
     history = loop.run()
     dense_after_generations = {key: value.clone() for key, value in loop.model.state_dict().items()}
     record = loop.progress.finetune
@@ -108,7 +99,7 @@ def test_fine_tuning_trains_the_fit_alone_records_it_and_saves_it(tmp_path):
     assert saved.read_finetune() == record and len(saved.read_metrics()) == len(history)
     fit = load_fit(saved.fit_file, dense=saved.build_dense(saved.read_config()))
     assert all(torch.equal(value, loop.fit.state_dict()[key]) for key, value in fit.state_dict().items())
-    without = distilled()
+    without = small_evolution()
     assert strip(without.run()) == strip(history)  # fine-tuning leaves the generations and the dense network alone
     assert all(torch.equal(v, without.model.state_dict()[k]) for k, v in dense_after_generations.items())
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import kecompress
-from kecompress import Evolution, GenerationRecord, RunConfig, TrainingConfig, experiment
+from kecompress import GenerationRecord, RunConfig, TrainingConfig, experiment
 from kecompress.cli import main
 from kecompress.interrupt import RunInterrupted
 from kecompress.rundir import RunDirectory, load_fit, read_metrics
 
-from conftest import loaders, small_cnn
+from conftest import small_evolution
 
 LANDED = Path(__file__).parent / "data" / "landed"
 # The command that made data/landed/landed_cli_run, killed after its first generation (README there).
@@ -38,12 +38,7 @@ def same_run(left: Path, right: Path) -> bool:
 
 
 def python_run(run_dir=None, **options):
-    torch.manual_seed(0)
-    model = small_cnn()
-    split = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
-    train, val = loaders()
-    return Evolution(model, split, train, val, TrainingConfig(generations=3, epochs=2, lr=0.05, seed=4),
-                     run_dir=run_dir, **options)
+    return small_evolution(run_dir, generations=3, **options)
 
 
 def test_a_python_run_writes_what_the_command_line_writes_and_the_cli_reads_it(tmp_path, capsys):
