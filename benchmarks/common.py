@@ -305,3 +305,24 @@ def write_report(path: Path, lines: Sequence[str]) -> None:
     before = path.read_text() if path.exists() else ""
     kept = before.split(ANALYSIS, 1)[1] if ANALYSIS in before else "\n"
     path.write_text("\n".join([*lines, ANALYSIS]) + kept)
+
+
+# -- baselines -----------------------------------------------------------------------------------
+def fit_sized_from_scratch(loop, callbacks=()):
+    """The baseline that matters for a slim network (Liu et al., "Rethinking the Value of Network
+    Pruning", ICLR 2019): the fit-sized network of ``loop``'s split, every layer re-initialised
+    its own default way, as a loop of ``loop``'s data, loss and schedule with nothing to reset.
+
+    Example:
+        >>> # fit_sized_from_scratch(experiment.build(config_of_one_long_generation)).run()
+    """
+    import kecompress
+    from kecompress.evolution import Evolution
+
+    slim = kecompress.slice_fit(loop.model, loop.split, example_inputs=loop.example_input())
+    for module in slim.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    nothing_to_reset = kecompress.split(slim, "kels", 1.0, example_inputs=loop.example_input(), seed=loop.split.seed)
+    return Evolution(slim, nothing_to_reset, loop.train_loader, loop.val_loader, loop.config, loss_fn=loop.loss_fn,
+                     device=loop.device, example_inputs=loop.example_input(), callbacks=callbacks)

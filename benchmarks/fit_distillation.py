@@ -6,17 +6,20 @@ images a class and the whole validation set as the test set, it trains KE for ``
 generations of ``--epochs`` epochs in each variant:
 
 - ``ke``: plain Knowledge Evolution (the fit only survives the resets);
-- ``distill``: in-place distillation as slimmable networks do it (temperature 1, weight 1, no
-  label term, from the first step);
-- ``distill-from-2``: the same from generation 2 on (generation 1 is then plain training);
-- ``distill-t4-labels``: temperature 4 and the fit's own loss on the labels beside it;
+- ``distill-from-1``: in-place distillation as slimmable networks do it (temperature 1, weight 1,
+  no label term, from the first step);
+- ``distill-from-2``: the same from generation 2 on (generation 1 is then plain training), the
+  default of ``--distill-fit``, chosen from these measurements;
+- ``distill-t4-labels``: temperature 4 and the fit's own loss on the labels beside it, from the first step;
 - ``ke-finetune``: plain KE, then the fit fine-tuned alone for ``--epochs`` epochs with knowledge
-  distillation from the dense network.
+  distillation from the dense network;
+- ``fit-scratch``: the bar any of them must clear, the fit-sized network trained from scratch for
+  as many epochs as all the generations together, on the same data, loss and schedule.
 
-It prints and writes (``--report``, below a hand-written part it keeps) dense and fit test
-accuracy after generation 1 and after the last, the fine-tuned fit, each variant's paired
-difference from ``ke`` per seed, and a verdict only where a difference is beyond two standard
-errors. Finished runs are kept in ``--work-dir``, so a rerun continues.
+It prints and writes (``--report``, above a hand-written part it keeps) dense and fit test
+accuracy after generation 1 and after the last, the fine-tuned fit, each variant's final fit
+network against KE's and against the fit-sized network from scratch, paired per seed, a verdict
+only where a difference is beyond two standard errors, and the wall time of a run (one thread). Finished runs are kept in ``--work-dir``, so a rerun continues.
 
 Usage:
     .venv/bin/python benchmarks/fit_distillation.py [--seeds 3] [--per-class 20] [--generations 3]
@@ -37,14 +40,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report  # noqa: E402
+from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, rich_table,  # noqa: E402
+                    run_script, write_report)
 
 VARIANTS = {
     "ke": {},
-    "distill": {"distill_fit": {}},
+    "distill-from-1": {"distill_fit": {"start_generation": 1}},
     "distill-from-2": {"distill_fit": {"start_generation": 2}},
-    "distill-t4-labels": {"distill_fit": {"temperature": 4.0, "label_weight": 1.0}},
+    "distill-t4-labels": {"distill_fit": {"temperature": 4.0, "label_weight": 1.0, "start_generation": 1}},
     "ke-finetune": {"finetune_fit": {}},
+    "fit-scratch": {"from_scratch": True},
 }
 FORMAT = 1  # of the jobs' files: a change of what a job computes gets a new number
 
@@ -71,16 +76,20 @@ def run_job(settings: dict) -> dict:
     seed = settings["seed"]
     distill = variant.get("distill_fit")
     finetune = variant.get("finetune_fit")
+    scratch = variant.get("from_scratch", False)
+    generations, epochs = settings["generations"], settings["epochs"]
     config = RunConfig(
         model=settings["model"], rate=settings["rate"], seed=seed, data=settings["data"],
         image_size=settings["image_size"], batch_size=settings["batch_size"],
-        training=TrainingConfig(generations=settings["generations"], epochs=settings["epochs"], lr=settings["lr"],
-                                seed=seed),
+        training=TrainingConfig(generations=1 if scratch else generations,
+                                epochs=generations * epochs if scratch else epochs, lr=settings["lr"], seed=seed),
         distill_fit=None if distill is None else FitDistillation(**distill).identity(),
         finetune_fit=None if finetune is None else FitFinetuning(settings["epochs"], **finetune).identity())
     train, test, classes = experiment.load_data(dataclasses.replace(config, seed=0))  # one test set for all seeds
     started = time.perf_counter()
     loop = experiment.build(config, (per_class_subset(train, settings["per_class"], seed), test, classes))
+    if scratch:
+        loop = fit_sized_from_scratch(loop)
     history = loop.run()
     return {"settings": settings, "dense": [record.dense for record in history],
             "fit": [record.fit for record in history],
@@ -123,23 +132,31 @@ def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:
 
 
 def summary(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]], list[str]]:
-    """The table's header and rows, and the verdicts, of what was measured."""
+    """The table's header and rows, and the verdicts, of what was measured: each variant's final
+    fit network against KE's and against the fit-sized network trained from scratch, seed by seed."""
     header = ["variant", "dense, gen 1", "fit, gen 1", "dense, last", "fit, last", "fit fine-tuned",
-              "fit, last − ke's (points)", "verdict"]
+              "final fit − KE's fit (points, per seed)", "final fit − fit-sized from scratch", "s a run"]
+    final = {variant: [run["dense"][-1] if VARIANTS[variant].get("from_scratch")
+                       else run["finetuned_fit"] if run["finetuned_fit"] is not None else run["fit"][-1]
+                       for run in runs] for variant, runs in results.items()}
     rows, verdicts = [], []
-    ke_fit = [run["fit"][-1] for run in results["ke"]] if "ke" in results else None
     for variant, runs in results.items():
-        last_fit = [run["fit"][-1] for run in runs]
+        compared = []
+        for baseline, name in (("ke", "KE's fit network"), ("fit-scratch", "the fit-sized network from scratch")):
+            if baseline not in results or baseline == variant:
+                compared.append("")
+                continue
+            difference, verdict = paired(final[variant], final[baseline])
+            compared.append(f"{difference}: {verdict}")
+            verdicts.append(f"{variant} against {name}: {difference} points: {verdict}.")
+        scratch = VARIANTS[variant].get("from_scratch")
         finetuned = [run["finetuned_fit"] for run in runs if run["finetuned_fit"] is not None]
-        difference, verdict = paired(last_fit, ke_fit) if ke_fit and variant != "ke" else ("", "")
-        if finetuned:
-            tuned_difference, tuned_verdict = paired(finetuned, last_fit)
-            verdicts.append(f"{variant}: fine-tuning moved the fit by {tuned_difference} points: {tuned_verdict}.")
-        if verdict:
-            verdicts.append(f"{variant}: its last fit against KE's: {difference} points: {verdict}.")
-        rows.append([variant, mean_std([run["dense"][0] for run in runs]), mean_std([run["fit"][0] for run in runs]),
-                     mean_std([run["dense"][-1] for run in runs]), mean_std(last_fit),
-                     mean_std(finetuned) if finetuned else "", difference, verdict])
+        per_generation = [] if scratch else [mean_std([run[key][index] for run in runs])
+                                              for index in (0, -1) for key in ("dense", "fit")]
+        rows.append([variant, *(per_generation[:2] if per_generation else ["", ""]),
+                     *(per_generation[2:] if per_generation else ["", mean_std(final[variant])]),
+                     mean_std(finetuned) if finetuned else "", *compared,
+                     f"{statistics.fmean(run['seconds'] for run in runs):.0f}"])
     return header, rows, verdicts
 
 
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     header, rows, verdicts = summary(results)
     from rich.console import Console
 
-    Console().print(rich_table("dense and fit test accuracy (%), mean ± std over seeds", header, rows))
+    console = Console()
+    (console if console.is_terminal else Console(width=160)).print(rich_table("dense and fit test accuracy (%), mean ± std over seeds", header, rows))
     for verdict in verdicts:
         print(verdict)
     described = machine_line(machine(1))

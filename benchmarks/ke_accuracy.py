@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-import kecompress
-from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
+from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, rich_table, run_script,
+                    write_report)
 from kecompress import data as datasets
 from kecompress import experiment
 from kecompress.callbacks import Callback
@@ -76,15 +76,6 @@ def training_images(pool, classes, settings: dict, seed: int):
     if not settings["per_class"]:
         return pool
     return datasets.per_class_subset(pool, settings["per_class"], seed, classes)
-
-
-def fresh_slim_network(model: nn.Module, split, example: torch.Tensor) -> nn.Module:
-    """The fit-sized network: the KELS fit cut out, then every layer re-initialised its own default way."""
-    slim = kecompress.slice_fit(model, split, example_inputs=example)
-    for module in slim.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return slim
 
 
 def reset_channel_scale(model: nn.Module, split) -> float | None:
@@ -158,11 +149,7 @@ def run_job(arm: str, seed: int, settings: dict) -> dict:
     loop = experiment.build(run_config(settings, seed, generations, epochs), (train, test, classes),
                             device=settings["device"], callbacks=[probe])
     if arm == "small":  # the same data, loss and schedule, for the fit-sized network from scratch
-        slim = fresh_slim_network(loop.model, loop.split, loop.example_inputs)
-        nothing_to_reset = kecompress.split(slim, "kels", 1.0, example_inputs=loop.example_inputs, seed=seed)
-        loop = Evolution(slim, nothing_to_reset, loop.train_loader, loop.val_loader, loop.config,
-                         loss_fn=loop.loss_fn, device=loop.device, example_inputs=loop.example_inputs,
-                         callbacks=[probe])
+        loop = fit_sized_from_scratch(loop, callbacks=[probe])
     history = loop.run()
     return {"arm": arm, "seed": seed, "settings": settings,
             "history": [{**record.to_json(), **measured} for record, measured in zip(history, probe.measured)],

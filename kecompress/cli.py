@@ -101,8 +101,9 @@ def app():
 @click.option("--distill-weight", type=click.FloatRange(0), default=1.0, help="weight of the fit's distillation term")
 @click.option("--distill-label-weight", type=click.FloatRange(0), default=0.0,
               help="weight of the fit's own loss on the labels, beside its distillation term")
-@click.option("--distill-from", "distill_start", type=POSITIVE, default=1,
-              help="the first generation whose steps distil the fit")
+@click.option("--distill-from", "distill_start", type=POSITIVE, default=FitDistillation.start_generation,
+              help="the first generation whose steps distil the fit (measured: from the first, it pulled both "
+                   "networks down)")
 @click.option("--finetune-fit", type=click.IntRange(0), default=0, metavar="EPOCHS",
               help="after the last generation, fine-tune the fit network alone for EPOCHS epochs with knowledge "
                    "distillation from the dense network (KELS); fit.pt is then the fine-tuned network")
