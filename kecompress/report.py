@@ -83,7 +83,7 @@ def finetune_line(record: FinetuneRecord) -> str:
     """
     name = "acc" if record.metric == "accuracy" else record.metric
     seconds = f" ({record.seconds:.0f} s)" if record.seconds is not None else ""
-    return (f"fit fine-tuned for {record.epochs} epochs: fit {name} {_metric(record.fit, record.metric)}, "
+    return (f"fit fine-tuned for {record.epochs} epoch{'s' * (record.epochs != 1)}: fit {name} {_metric(record.fit, record.metric)}, "
             f"fit loss {record.fit_loss:.4f}{seconds}")
 
 
