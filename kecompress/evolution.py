@@ -161,7 +161,6 @@ class Evolution:
         self.optimizer = self.schedule = None  # each generation's, made when it starts
         self.fit: nn.Module | None = None  # the fit network of the last finished generation, as measured
         self.ctrl_c = CtrlCGuard()
-        self.fit_distillation = fit_distillation
         fit_pass = FitPass(self.model, split, self.example_input()) if fit_distillation else None
         self.step = TrainingStep(self.model, self.loss_fn, self.amp, self.device, channels_last, compile_model,
                                  self.ctrl_c, fit_distillation, fit_pass)
