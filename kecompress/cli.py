@@ -35,6 +35,7 @@ from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
 from .split import METHODS, split as make_split
+from .weights import WeightsNote
 
 console = Console()
 
@@ -116,12 +117,15 @@ def app():
               help="train through torch.compile: slow to start, then faster (needs g++ on the CPU, triton on a GPU)")
 @click.option("--tensorboard", type=click.Path(path_type=Path), default=None,
               help="also write TensorBoard event files to this directory (pip install 'kecompress[tensorboard]')")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
+                   "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
 def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
            distill_label_weight, distill_start, finetune_fit, device, precision, channels_last, compile_model,
-           tensorboard, trust_model_file):
+           tensorboard, weights, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
@@ -143,16 +147,24 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start) \
             if distill_fit else None
-    config = RunConfig(model=model, num_classes=num_classes, split=split_method, rate=rate, seed=seed,
+    config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
+                       split=split_method, rate=rate, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
                        fit_batchnorm=fit_batchnorm, forget=forgetting, training=training,
                        trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None)
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
-    loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
-                            channels_last=channels_last, compile_model=compile_model,
-                            callbacks=([progress] if progress else []) + callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightsNote)
+        loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
+                                channels_last=channels_last, compile_model=compile_model,
+                                callbacks=([progress] if progress else []) + callbacks)
+    for warning in caught:  # a note on the weights in one line; any other warning as Python shows it
+        if issubclass(warning.category, WeightsNote):
+            _print_on_main(f"note: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     the_split = loop.split
     val_images = int(distributed.all_sum([len(loop.val_loader.dataset)])[0])  # each rank holds a part
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"

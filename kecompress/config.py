@@ -76,6 +76,7 @@ class RunConfig:
 
     model: str | None = None  # a torchvision architecture name or a model file; None: a model from Python
     num_classes: int | None = None
+    weights: str | None = None  # a state dict loaded into the model before the split; None: random init
     classes: list[str] | None = None
     split: str = "kels"
     rate: float = 0.5

@@ -36,6 +36,7 @@ from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
 from .split import Split, split as make_split
+from .weights import load_weights
 
 
 def load_data(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
@@ -58,7 +59,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
 
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
     ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
-    from ``config.seed``; the split is drawn (or, resuming,
+    from ``config.seed``, with ``config.weights`` loaded into it (:func:`~kecompress.weights.load_weights`:
+    a classifier of another size is re-initialised, with a ``WeightsNote`` warning); the split is drawn (or, resuming,
     read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``; the
     forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
     ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
@@ -79,6 +81,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
                          image_size=example_inputs.shape[-1], world_size=distributed.world_size())
         torch.manual_seed(config.seed)
         model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        if config.weights:
+            load_weights(model, config.weights)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
