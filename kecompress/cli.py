@@ -29,6 +29,7 @@ from .finetune import FitFinetuning
 from .errors import KecompressError
 from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
+from .info import describe_split, info_view
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
 from .report import RichProgress, finetune_line, generations_table
@@ -336,6 +337,39 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
+
+
+@app.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="print it as JSON")
+@_model_options
+def info(source, as_json, split_method, rate, num_classes, image_size, trust_model_file):
+    """What a split does before any training: kept channels per layer, coupled groups, parameters and
+    MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
+
+    SOURCE is a run directory (finished or not), a torchvision architecture name, or a .pt model file.
+    """
+    run_dir = RunDirectory(source)
+    if run_dir.is_run():
+        config = run_dir.read_config()
+        dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
+        size = image_size or config.image_size
+        records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
+        run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
+        if records:
+            last = records[-1]
+            run["last generation"] = f"{last.generation}: dense {last.metric} {last.dense:.4f}, fit {last.fit:.4f}"
+    else:
+        dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
+        size = image_size or 224
+        output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
+        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size))
+        run = {}
+    described = describe_split(dense, the_split, (3, size, size), run)
+    if as_json:
+        click.echo(json.dumps(described.to_json(), indent=2))
+    else:
+        console.print(info_view(described, f"{source}: the split"))
 
 
 def _refuse_torchrun(command: str) -> None:
