@@ -68,8 +68,8 @@ def describe_split(model: nn.Module, split: Split, input_shape: tuple[int, ...],
     Example:
         >>> import kecompress
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> describe_split(model, kecompress.split(model, "kels", 0.5), (4,)).fit_parameters
-        34
+        >>> describe_split(model, kecompress.split(model, "kels", 0.5), (4,)).fit_parameters  # 4x4 + 4, 2x4 + 2
+        30
     """
     example = torch.zeros(1, *input_shape)
     layers = [_layer_split(name, module, split.masks[f"{name}.weight"], split.method)
