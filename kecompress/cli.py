@@ -20,10 +20,12 @@ from rich.console import Console
 
 from . import __version__, distributed, experiment
 from .acceleration import PRECISIONS, MixedPrecision, check_compile
+from .augment import AUGMENTATIONS, CROP_SCALE, SMALL_IMAGES, check_augmentation, default_augmentation
 from .bench import RUNTIMES, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
+from .data import FOLDER_IMAGE_SIZE
 from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
@@ -69,6 +71,14 @@ def app():
               help="classes of a torchvision architecture (default: inferred from the data)")
 @click.option("--image-size", type=IMAGE_SIZE, default=None, help="input size (default 224, 32 for the demo data)")
 @click.option("--val-fraction", type=FRACTION, default=0.2, help="held-out fraction when --data has no val/")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
+              help=f"training augmentation of --data: resized-crop (ImageNet's random-resized crop and flip), pad-crop "
+                   f"(padded random crop and flip, as for CIFAR), none [default: pad-crop up to {SMALL_IMAGES} px, "
+                   "resized-crop above]")
+@click.option("--crop-scale", type=(RATE, RATE), default=CROP_SCALE, metavar="MIN MAX",
+              help="resized-crop: the share of the image's area a crop takes")
+@click.option("--workers", type=click.IntRange(0), default=0,
+              help="data loading processes (images are decoded once and kept in memory; augmenting them is cheap)")
 @click.option("--batch-size", type=POSITIVE, default=32, help="batch size (of each process under torchrun)")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1,
               help="SGD learning rate (momentum 0.9, cosine schedule)")
@@ -122,7 +132,8 @@ def app():
               help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
                    "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
-def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
+def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction, augment,
+           crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
            distill_label_weight, distill_start, finetune_fit, device, precision, channels_last, compile_model,
@@ -138,6 +149,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
     with distributed.fail_together(KecompressError, OSError):
+        check_augmentation(augment or "none", crop_scale)
         training = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                   warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
         forgetting = _forgetting(forget, forget_from, shrink, perturb)
@@ -152,6 +164,8 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                        split=split_method, rate=rate, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
+                       augment=(augment or default_augmentation(image_size or FOLDER_IMAGE_SIZE)) if data else None,
+                       crop_scale=list(crop_scale) if data else None, workers=workers,
                        fit_batchnorm=fit_batchnorm, forget=forgetting, training=training,
                        trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None)

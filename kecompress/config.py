@@ -84,6 +84,9 @@ class RunConfig:
     data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
     image_size: int | None = None
     val_fraction: float | None = 0.2
+    augment: str | None = None  # an image folder's augmentation (kecompress.augment); None: the demo's, none
+    crop_scale: list[float] | None = None  # the resized crop's share of the image's area, [min, max]
+    workers: int = 0  # data loading processes: their random numbers are not the main process's
     batch_size: int | None = 32
     label_smoothing: float | None = 0.1
     fit_batchnorm: str = "re-estimated"
@@ -99,7 +102,7 @@ class RunConfig:
     # Settings that may differ between a run and its resumed continuation.
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
-    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress",
+    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
                "forget": {"name": "ke"}}
 
     @property
@@ -118,6 +121,8 @@ class RunConfig:
     def from_json(cls, values: dict) -> "RunConfig":
         """Read ``config.json``; settings it lacks take the value runs had before they existed."""
         known = {item.name for item in fields(cls)}
+        if values.get("data") and "augment" not in values:  # image folders were augmented one way
+            values = {**values, "augment": "resized-crop", "crop_scale": [0.08, 1.0]}
         values = {**cls._LEGACY, **{key: value for key, value in values.items() if key in known}}
         values["training"] = TrainingConfig(**values.get("training", {}))
         return cls(**values)

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from . import data as datasets
 from . import distributed
 from .acceleration import check_channels_last
+from .augment import CROP_SCALE
 from .callbacks import Callback
 from .config import RunConfig
 from .distillation import FitDistillation
@@ -48,7 +49,8 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
         >>> len(classes)
         10
     """
-    return datasets.load_datasets(config.data, config.image_size, config.val_fraction, config.seed)
+    return datasets.load_datasets(config.data, config.image_size, config.val_fraction, config.seed, config.augment,
+                                  config.crop_scale or CROP_SCALE)
 
 
 def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None = None, *,
@@ -107,8 +109,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     with distributed.fail_together(KecompressError):
         the_split.check_matches(model)
         train_loader, val_loader = datasets.make_loaders(
-            train_set, val_set, config.batch_size, config.seed, rank=distributed.rank(),
-            world_size=distributed.world_size())
+            train_set, val_set, config.batch_size, config.seed, config.workers, rank=distributed.rank(),
+            world_size=distributed.world_size(), pin_memory=torch.device(device).type == "cuda")
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         device = torch.device(device)
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
