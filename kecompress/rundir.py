@@ -128,7 +128,7 @@ class RunDirectory:
         state = self.read_checkpoint()
         split = state.get("split") or {}
         training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
-        return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"),
+        return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"), align=1,
                        training=TrainingConfig(**training), world_size=state.get("world_size", 1),
                        forget={"name": "ke"})  # the one strategy of the versions that wrote such directories
 
@@ -213,7 +213,8 @@ class RunDirectory:
             return None
         data = Path(config.data).name if config.data else "the digits demo"
         forgetting = f", forgetting {describe(config.forget)}" if config.forget != {"name": "ke"} else ""
-        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{forgetting}, on {data}"
+        aligned = f" aligned to {config.align} channels" if config.align != 1 else ""
+        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{aligned}{forgetting}, on {data}"
 
     # -- the end: the final dense and fit networks -------------------------------------------
     def save_final(self, model: nn.Module, fit: nn.Module | None, split: Split, config: RunConfig,
