@@ -459,7 +459,7 @@ def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1) ->
         (16, 16)
     """
     size = channels // blocks
-    step = align // math.gcd(align, blocks)  # blocks x step: the fewest whole blocks that are a multiple of align
+    step = align // math.gcd(align, blocks)  # per block, so that the blocks together keep a multiple of align
     keep = min(size, -(-math.ceil(rate * size) // step) * step)
     return {block * size + offset for block in range(blocks) for offset in range(keep)}
 
@@ -568,7 +568,9 @@ def _fit_root_channels(graph, group, masks, name_of) -> set[int]:
 
 
 def _channel_list(channels: list[int]) -> str:
-    return str(channels) if len(channels) <= 8 else f"{channels[:8]}"[:-1] + f", ... ({len(channels)} in all)]"
+    """``[3, 7]``, or the first eight and the count: an error message stays one readable line."""
+    shown = ", ".join(map(str, channels[:8]))
+    return f"[{shown}]" if len(channels) <= 8 else f"[{shown}, ... ({len(channels)} in all)]"
 
 
 def _channels_in_fit(graph, masks, name_of, dep, idxs) -> dict[str, torch.Tensor]:
