@@ -47,6 +47,9 @@ TRUST_HELP = "load a model file with full pickle, which can run code from it: on
 # Option ranges: click refuses anything outside them in one line, before any work starts.
 POSITIVE = click.IntRange(min=1)
 RATE = click.FloatRange(0, 1, min_open=True)
+ALIGN = click.IntRange(min=1)
+ALIGN_HELP = ("KELS: every coupled group of channels keeps a multiple of N (its count rounded up; e.g. 8 or 16, "
+              "the block widths fast kernels compute in); 1: the paper's rule")
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 IMAGE_SIZE = click.IntRange(min=8)
 UNIT = click.FloatRange(0, 1)
@@ -63,6 +66,7 @@ def app():
 @click.option("--split", "split_method", type=click.Choice(METHODS), default="kels",
               help="kels (slim fit) or wels (sparse fit)")
 @click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1]")
+@click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP)
 @click.option("--generations", type=POSITIVE, default=5, help="number of generations")
 @click.option("--epochs", type=POSITIVE, default=10, help="epochs per generation")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -132,7 +136,7 @@ def app():
               help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
                    "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
-def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction, augment,
+def evolve(model, split_method, rate, align, generations, epochs, data, num_classes, image_size, val_fraction, augment,
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
@@ -161,7 +165,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start) \
             if distill_fit else None
     config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
-                       split=split_method, rate=rate, seed=seed,
+                       split=split_method, rate=rate, align=align, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
                        augment=(augment or default_augmentation(image_size or FOLDER_IMAGE_SIZE)) if data else None,
@@ -184,8 +188,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
     val_images = int(distributed.all_sum([len(loop.val_loader.dataset)])[0])  # each rank holds a part
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
                  if distributed.is_distributed() else "")
-    _print_on_main(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
-                   f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters, "
+    _print_on_main(f"[bold]kecompress evolve[/] {model}: {describe_split(the_split)}, "
                    f"forgetting {describe(loop.run_config.forget)}; "
                    f"{len(loop.train_loader.dataset)} training / {val_images} validation images, "
                    f"{len(loop.run_config.classes)} classes; device {torch_device}, {precision}{processes}; "
@@ -197,6 +200,21 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                    f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
                    + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
                    f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method == "kels" else ""))
+
+
+def describe_split(the_split) -> str:
+    """The split in words, its fit fraction beside rate² (what the paper's rule keeps of a KELS split).
+
+    Example:
+        >>> import kecompress
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> describe_split(kecompress.split(model, "kels", 0.25, align=8))  # 8 of 16 hidden channels, not 4
+        'KELS split at rate 0.25 aligned to 8 channels, fit 50.6% of 178 split parameters (rate² 6.2%)'
+    """
+    aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
+    paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
+    return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
+            f"of {the_split.total_count():,} split parameters{paper}")
 
 
 def _forgetting(name: str, forget_from: str | None, shrink: float | None, perturb: float | None) -> dict:
@@ -259,8 +277,8 @@ def _short_names(paths: tuple[Path, ...]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, image_size, trust_model_file):
-    """The dense network, its slim fit and the input shape: from a finished run or an untrained model."""
+def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_classes, image_size, trust_model_file):
+    """The dense network, its slim fit, the input shape and the split: from a finished run or an untrained model."""
     run_dir = RunDirectory(source)
     if run_dir.is_run():
         dense, the_split, config = run_dir.load(trust_file=trust_model_file)
@@ -269,14 +287,14 @@ def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, ima
             slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
         dense_for_fit = None if config.arch else run_dir.build_dense(config, trust_model_file)
         fit = load_fit(run_dir.fit_file, dense=dense_for_fit)
-        return dense, fit, input_shape
+        return dense, fit, input_shape, the_split
     dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
     size = image_size or 224
     input_shape = (3, size, size)
     example = torch.zeros(1, *input_shape)
     output_features(dense, example)  # a clear error when the model does not take this input
-    the_split = make_split(dense, split_method, rate, example_inputs=example)
-    return dense, slice_fit(dense, the_split, example_inputs=example), input_shape
+    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align)
+    return dense, slice_fit(dense, the_split, example_inputs=example), input_shape, the_split
 
 
 def _model_options(command):
@@ -285,6 +303,7 @@ def _model_options(command):
         click.option("--split", "split_method", type=click.Choice(METHODS), default="kels",
                      help="split of an untrained model (a run directory has its own)"),
         click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1] of an untrained model"),
+        click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP + " (an untrained model)"),
         click.option("--num-classes", type=POSITIVE, default=None,
                      help="outputs of a torchvision architecture [default: 1000]"),
         click.option("--input-size", "image_size", type=IMAGE_SIZE, default=None,
@@ -305,7 +324,7 @@ def _model_options(command):
 @click.option("--dynamic-batch", is_flag=True, help="leave the batch dimension free")
 @click.option("--force", is_flag=True, help="replace dense.onnx and fit.onnx already in --out")
 @_model_options
-def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, split_method, rate,
+def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, split_method, rate, align,
            num_classes, image_size, trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
@@ -321,7 +340,9 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")
-    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+                                                        trust_model_file)
+    console.print(describe_split(the_split))
     rows = export_pair(dense, fit, out, input_shape, batch_size, opset, dynamic_batch)
     console.print(export_table(rows))
 
@@ -337,7 +358,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
 @click.option("--runs", type=POSITIVE, default=50, help="timed runs of each network")
 @click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
 @_model_options
-def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_method, rate, num_classes,
+def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_method, rate, align, num_classes,
           image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
@@ -345,11 +366,13 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
     Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency.
     """
     _refuse_torchrun("bench")
-    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+                                                        trust_model_file)
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
+        console.print(describe_split(the_split))
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
 
 

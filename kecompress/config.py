@@ -80,6 +80,7 @@ class RunConfig:
     classes: list[str] | None = None
     split: str = "kels"
     rate: float = 0.5
+    align: int = 1  # KELS: every coupled group keeps a multiple of this many channels
     seed: int = 0  # of the split, the data order and the resets
     data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
     image_size: int | None = None
@@ -103,7 +104,7 @@ class RunConfig:
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
     _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
-               "forget": {"name": "ke"}}
+               "forget": {"name": "ke"}, "align": 1}
 
     @property
     def arch(self) -> str | None:

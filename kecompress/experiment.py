@@ -100,7 +100,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if resume:
             remove_stale_temporaries(run_dir.path)
             return run_dir.read_split()
-        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed)
+        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed,
+                               align=config.align)
         if run_dir is not None:
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split
