@@ -31,7 +31,7 @@ from .finetune import FitFinetuning
 from .errors import KecompressError
 from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
-from .info import describe_split, info_view
+from .info import info_view, split_info
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
 from .report import RichProgress, finetune_line, generations_table
@@ -380,7 +380,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_m
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="print it as JSON")
 @_model_options
-def info(source, as_json, split_method, rate, num_classes, image_size, trust_model_file):
+def info(source, as_json, split_method, rate, align, num_classes, image_size, trust_model_file):
     """What a split does before any training: kept channels per layer, coupled groups, parameters and
     MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
 
@@ -400,9 +400,9 @@ def info(source, as_json, split_method, rate, num_classes, image_size, trust_mod
         dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
         size = image_size or 224
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
-        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size))
+        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
         run = {}
-    described = describe_split(dense, the_split, (3, size, size), run)
+    described = split_info(dense, the_split, (3, size, size), run)
     if as_json:
         click.echo(json.dumps(described.to_json(), indent=2))
     else:

@@ -38,7 +38,7 @@ class SplitInfo:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
         >>> _ = model(torch.zeros(1, 3, 6, 6))
         >>> split = kecompress.split(model, "kels", 0.5, example_inputs=torch.zeros(1, 3, 6, 6))
-        >>> info = describe_split(model, split, (3, 6, 6))
+        >>> info = split_info(model, split, (3, 6, 6))
         >>> [layer.fit for layer in info.layers]
         [(4, 3), (4,), (2, 64)]
     """
@@ -54,6 +54,7 @@ class SplitInfo:
     dense_macs: int
     fit_macs: int | None  # None for WELS: a sparse network runs at the dense network's cost
     run: dict = field(default_factory=dict)  # a run directory's configuration and last generation
+    align: int = 1  # every coupled group keeps a multiple of this many channels
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -61,14 +62,14 @@ class SplitInfo:
         return values
 
 
-def describe_split(model: nn.Module, split: Split, input_shape: tuple[int, ...], run: dict | None = None) -> SplitInfo:
+def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run: dict | None = None) -> SplitInfo:
     """What ``split`` does to ``model`` on inputs of ``input_shape`` (one sample, no batch);
     ``run`` adds what a run directory says of itself.
 
     Example:
         >>> import kecompress
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> describe_split(model, kecompress.split(model, "kels", 0.5), (4,)).fit_parameters  # 4x4 + 4, 2x4 + 2
+        >>> split_info(model, kecompress.split(model, "kels", 0.5), (4,)).fit_parameters  # 4x4 + 4, 2x4 + 2
         30
     """
     example = torch.zeros(1, *input_shape)
@@ -84,7 +85,7 @@ def describe_split(model: nn.Module, split: Split, input_shape: tuple[int, ...],
         fit_macs, _ = count_macs_params(slice_fit(model, split, example_inputs=example), input_shape)
     uncovered = dense_parameters - split.total_count()
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
-                     split.fit_count() + uncovered, split.fit_fraction(), dense_macs, fit_macs, run or {})
+                     split.fit_count() + uncovered, split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:
@@ -114,7 +115,8 @@ def info_view(info: SplitInfo, title: str):
     for layer in info.layers:
         table.add_row(layer.name, layer.kind, ", ".join(map(str, layer.dense)), ", ".join(map(str, layer.fit)),
                       f"{layer.kept:.1%}")
-    lines = [f"{info.method.upper()} rate {info.rate} on inputs {tuple(info.input_shape)}: fit {info.fit_fraction:.1%} "
+    aligned = f" aligned to {info.align} channels" if info.align > 1 else ""
+    lines = [f"{info.method.upper()} rate {info.rate}{aligned} on inputs {tuple(info.input_shape)}: fit {info.fit_fraction:.1%} "
              f"of the split's parameters (rate² = {info.rate ** 2:.1%})",
              f"parameters: dense {info.dense_parameters:,}, fit {info.fit_parameters:,} "
              f"({info.fit_parameters / info.dense_parameters:.1%})"]
