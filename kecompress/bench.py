@@ -313,7 +313,8 @@ def describe_cpu_flags(flags: list[str]) -> str:
 
 
 def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -> Table:
-    """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size.
+    """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size, and below each
+    an INT8 row when the INT8 networks were timed (its speedup: fp32 dense over INT8 fit).
 
     Example:
         >>> row = BatchLatency(1, 4.0, RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0), torch=None)
@@ -323,25 +324,23 @@ def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -
     int8 = any(row.int8 for row in result.results)
     caption = "latency: median / 90th percentile ms; efficiency: speedup / MAC ratio"
     if int8:
-        caption += ("; INT8 speedup: fp32 dense / INT8 fit (INT8 dense: fp32 dense / INT8 dense); "
-                    + describe_cpu_flags(result.machine.get("cpu_flags", [])))
+        caption += "; INT8 rows' speedup: fp32 dense / INT8 fit; " + describe_cpu_flags(result.machine.get("cpu_flags", []))
     table = Table(title=title, caption=caption)
     table.add_column("batch", justify="right")
     table.add_column("MAC ratio", justify="right")
     for name in ("ORT", "torch"):
         for column in ("dense ms", "fit ms", "speedup", "efficiency"):
             table.add_column(f"{name} {column}", justify="right")
-    for column in ("dense ms", "fit ms", "speedup") if int8 else ():
-        table.add_column(f"ORT INT8 {column}", justify="right")
     for row in result.results:
         cells = [str(row.batch_size), f"{row.macs_ratio:.2f}x"]
         for runtime in RUNTIMES:
             latency = row.runtime(runtime)
             cells += latency_cells(latency) + [f"{latency.efficiency:.2f}"] if latency else ["-"] * 4
-        if int8:
-            cells += [f"{row.int8.dense_median_ms:.2f} / {row.int8.dense_p90_ms:.2f} ({row.int8.dense_speedup:.2f}x)",
-                      f"{row.int8.fit_median_ms:.2f} / {row.int8.fit_p90_ms:.2f}", f"{row.int8.speedup:.2f}x"]
         table.add_row(*cells)
+        if row.int8:
+            table.add_row(f"{row.batch_size} INT8", "", f"{row.int8.dense_median_ms:.2f} / {row.int8.dense_p90_ms:.2f}",
+                          f"{row.int8.fit_median_ms:.2f} / {row.int8.fit_p90_ms:.2f}", f"{row.int8.speedup:.2f}x",
+                          *["-"] * 5)
     return table
 
 
