@@ -72,7 +72,22 @@ def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int,
 
 
 @dataclass(frozen=True)
-class RuntimeLatency:
+class _DenseFitLatency:
+    """The median and 90th percentile latency of a dense and a fit network, in milliseconds."""
+
+    dense_median_ms: float
+    dense_p90_ms: float
+    fit_median_ms: float
+    fit_p90_ms: float
+
+
+def _medians_and_p90s(dense_ms: list[float], fit_ms: list[float]) -> tuple[float, float, float, float]:
+    return (float(np.median(dense_ms)), float(np.percentile(dense_ms, 90)), float(np.median(fit_ms)),
+            float(np.percentile(fit_ms, 90)))
+
+
+@dataclass(frozen=True)
+class RuntimeLatency(_DenseFitLatency):
     """Latency of the dense and the fit network in one runtime, in milliseconds.
 
     Example:
@@ -80,23 +95,19 @@ class RuntimeLatency:
         0.9444444444444444
     """
 
-    dense_median_ms: float
-    dense_p90_ms: float
-    fit_median_ms: float
-    fit_p90_ms: float
     speedup: float  # dense median / fit median
     efficiency: float  # speedup / MAC ratio: 1 means the fit gains all that its MACs promise
 
     @classmethod
     def measured(cls, dense_ms: list[float], fit_ms: list[float], macs_ratio: float) -> "RuntimeLatency":
         """The medians, 90th percentiles, speedup and efficiency of timed runs."""
-        speedup = float(np.median(dense_ms) / np.median(fit_ms))
-        return cls(float(np.median(dense_ms)), float(np.percentile(dense_ms, 90)), float(np.median(fit_ms)),
-                   float(np.percentile(fit_ms, 90)), speedup, speedup / macs_ratio)
+        times = _medians_and_p90s(dense_ms, fit_ms)
+        speedup = times[0] / times[2]
+        return cls(*times, speedup, speedup / macs_ratio)
 
 
 @dataclass(frozen=True)
-class Int8Latency:
+class Int8Latency(_DenseFitLatency):
     """Latency of the static INT8 dense and fit networks in onnxruntime, in milliseconds.
 
     Example:
@@ -104,19 +115,14 @@ class Int8Latency:
         6.4
     """
 
-    dense_median_ms: float
-    dense_p90_ms: float
-    fit_median_ms: float
-    fit_p90_ms: float
     speedup: float  # fp32 dense median / INT8 fit median: what deploying the INT8 fit gains
     dense_speedup: float  # fp32 dense median / INT8 dense median: what INT8 alone gains
 
     @classmethod
     def measured(cls, dense_ms: list[float], fit_ms: list[float], fp32_dense_median_ms: float) -> "Int8Latency":
         """The medians, 90th percentiles and speedups of timed runs."""
-        dense, fit = float(np.median(dense_ms)), float(np.median(fit_ms))
-        return cls(dense, float(np.percentile(dense_ms, 90)), fit, float(np.percentile(fit_ms, 90)),
-                   fp32_dense_median_ms / fit, fp32_dense_median_ms / dense)
+        times = _medians_and_p90s(dense_ms, fit_ms)
+        return cls(*times, fp32_dense_median_ms / times[2], fp32_dense_median_ms / times[0])
 
     def to_json(self) -> dict:
         """``int8_ort_speedup`` beside the fp32 ``ort_speedup``, the rest prefixed ``ort_int8_``."""

@@ -64,6 +64,8 @@ def test_both_exporters_match_pytorch_with_a_free_batch(exporter, tmp_path):
     assert onnx.load(path).opset_import[0].version == {"dynamo": 18, "torchscript": 17}[exporter]
     assert check_onnx_parity(model, path, torch.randn(3, 3, 8, 8)) < 1e-5
     assert os.listdir(tmp_path) == ["m.onnx"]  # one self-contained file: no external weights beside it
+    operations = [node.op_type for node in onnx.load(path).graph.node]
+    assert "GlobalAveragePool" in operations and "ReduceMean" not in operations  # what INT8 kernels cover
 
 
 def test_unknown_exporter_and_opset_17_of_dynamo_are_refused(tmp_path):

@@ -114,3 +114,12 @@ def test_calibration_subset_is_seeded_and_bounded():
     assert len(calibration_subset(data, 100)) == 10
     with pytest.raises(KecompressError, match="calibration images"):
         calibration_subset(data, 0)
+
+
+def test_without_calibration_data_an_untrained_model_calibrates_on_the_digits_with_a_warning(capsys):
+    from kecompress.cli import _int8_data
+
+    calibration, validation = _int8_data("resnet18", None, (3, 16, 16))
+    assert validation is None and calibration[0][0].shape == (3, 16, 16)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: no --calibration-data" in err
