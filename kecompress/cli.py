@@ -25,10 +25,10 @@ from .bench import RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_t
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
+from .data import demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
-from .data import demo_datasets, image_folder_datasets, without_augmentation
 from .export import DEFAULT_EXPORTER, EXPORTERS, LOWEST_OPSET, MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, \
     export_table
 from .files import staged_directory
