@@ -194,9 +194,9 @@ def without_augmentation(train: Dataset, val: Dataset) -> Dataset:
         >>> len(calibration), calibration.dataset.transform is val.dataset.transform
         (4, True)
     """
-    if isinstance(train, Subset) and isinstance(val, Subset) and isinstance(train.dataset, datasets.DatasetFolder):
+    if isinstance(train, Subset) and isinstance(val, Subset):
         return Subset(without_augmentation(train.dataset, val.dataset), train.indices)
-    if isinstance(train, datasets.DatasetFolder) and isinstance(val, datasets.DatasetFolder):
+    if hasattr(train, "transform") and hasattr(val, "transform"):  # an image folder, whatever its class
         unaugmented = copy.copy(train)
         unaugmented.transform = val.transform
         return unaugmented
