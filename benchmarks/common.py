@@ -9,6 +9,7 @@ is imported inside the functions that need it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -305,6 +306,33 @@ def write_report(path: Path, lines: Sequence[str]) -> None:
     before = path.read_text() if path.exists() else ""
     kept = before.split(ANALYSIS, 1)[1] if ANALYSIS in before else "\n"
     path.write_text("\n".join([*lines, ANALYSIS]) + kept)
+
+
+# -- statistics over seeds -----------------------------------------------------------------------
+def mean_std(values: list[float]) -> str:
+    """Fractions as percent, mean ± standard deviation over the seeds.
+
+    Example:
+        >>> mean_std([0.5, 0.7])
+        '60.0 ± 14.1'
+    """
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+
+
+def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:
+    """The paired difference in points (mean ± std, each seed's) and whether it is beyond two standard errors.
+
+    Example:
+        >>> paired([0.6, 0.7, 0.8], [0.5, 0.55, 0.7])
+        ('+11.7 ± 2.9 (+10.0, +15.0, +10.0)', 'better')
+    """
+    differences = [100 * (value - base) for value, base in zip(values, baseline)]
+    mean = statistics.fmean(differences)
+    spread = statistics.stdev(differences) if len(differences) > 1 else math.inf
+    beyond = abs(mean) > 2 * spread / math.sqrt(len(differences))
+    text = f"{mean:+.1f} ± {spread:.1f} ({', '.join(f'{d:+.1f}' for d in differences)})"
+    return text, ("better" if mean > 0 else "worse") if beyond else "within noise"
 
 
 # -- baselines -----------------------------------------------------------------------------------

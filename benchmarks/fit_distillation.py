@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -40,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, installed or not
 
-from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, rich_table,  # noqa: E402
-                    run_script, write_report)
+from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, mean_std,  # noqa: E402
+                    paired, rich_table, run_script, write_report)
 
 VARIANTS = {
     "ke": {},
@@ -113,22 +112,6 @@ def run_all(options: dict) -> dict[str, list[dict]]:
                   f"({result['seconds']:.0f} s)", flush=True)
     return {variant: [json.loads(path(jobs[variant, seed]).read_text()) for seed in range(options["seeds"])]
             for variant in options["variants"]}
-
-
-def mean_std(values: list[float]) -> str:
-    """Percent, mean ± standard deviation over the seeds."""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
-
-
-def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:
-    """The paired difference in points (mean ± std, each seed's) and whether it is beyond two standard errors."""
-    differences = [100 * (value - base) for value, base in zip(values, baseline)]
-    mean = statistics.fmean(differences)
-    spread = statistics.stdev(differences) if len(differences) > 1 else math.inf
-    beyond = abs(mean) > 2 * spread / math.sqrt(len(differences))
-    text = f"{mean:+.1f} ± {spread:.1f} ({', '.join(f'{d:+.1f}' for d in differences)})"
-    return text, ("better" if mean > 0 else "worse") if beyond else "within noise"
 
 
 def summary(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]], list[str]]:

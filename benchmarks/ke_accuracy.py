@@ -42,9 +42,11 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
+import kecompress
 from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, rich_table, run_script,
                     write_report)
 from kecompress import data as datasets
+from kecompress.augment import AUGMENTATIONS, default_augmentation
 from kecompress import experiment
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -68,7 +70,8 @@ def run_config(settings: dict, seed: int = 0, generations: int = 1, epochs: int 
                               weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"])
     return RunConfig(model=settings["arch"], rate=settings["rate"], seed=seed, data=settings["data"],
                      image_size=settings["image_size"], val_fraction=settings["test_fraction"],
-                     batch_size=settings["batch_size"], label_smoothing=settings["label_smoothing"], training=training)
+                     batch_size=settings["batch_size"], label_smoothing=settings["label_smoothing"],
+                     augment=settings["augment"], training=training)
 
 
 def training_images(pool, classes, settings: dict, seed: int):
@@ -304,7 +307,8 @@ BASELINE_HEADER = ["network", "epochs", "dense network", "its fit network", "its
 def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, command: str) -> None:
     first = jobs["ke", args.seeds[0]]
     record = first["history"][0]
-    data = (f"ImageFolder data `{settings['data']}`, training images augmented with RandomResizedCrop and flip"
+    data = (f"ImageFolder data `{settings['data']}`, training images augmented with {settings['augment']} "
+            "(kecompress/augment.py)"
             if settings["data"] else "scikit-learn's bundled 8x8 digits scaled to "
             f"{settings['image_size']}x{settings['image_size']}, no augmentation")
     per_class = (f"{settings['per_class']} training images per class ({first['training_images']} in all), "
@@ -420,6 +424,8 @@ def parse_args(argv):
     parser.add_argument("--arch", default="resnet18", help="torchvision architecture")
     parser.add_argument("--image-size", type=at_least(1), default=None,
                         help="input size (default: 32 demo, 224 folder)")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                        help="augmentation of --data (default: as kecompress evolve chooses from the image size)")
     parser.add_argument("--per-class", type=at_least(0), default=20, help="training images per class; 0: all")
     parser.add_argument("--test-fraction", type=float, default=0.5,
                         help="held-out test fraction of each class (a folder with val/ uses val/)")
@@ -462,6 +468,7 @@ def main(argv=None) -> int:
     default_size = datasets.FOLDER_IMAGE_SIZE if args.data else datasets.DEMO_IMAGE_SIZE
     settings.update(data=str(Path(args.data).resolve()) if args.data else None,
                     image_size=args.image_size or default_size,
+                    augment=(args.augment or default_augmentation(args.image_size or default_size)) if args.data else None,
                     threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
                     kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
     # Fail here, in one line, on settings or data that cannot give the small-data regime.

@@ -109,7 +109,7 @@ def distilled_epoch(loop, display, fit_pass, epoch: int) -> float:
     trains: the loop's own training step, given the distillation for this epoch only."""
     from kecompress.distillation import FitDistillation
 
-    loop.step.distillation, loop.step.fit_pass = FitDistillation(), fit_pass
+    loop.step.distillation, loop.step.fit_pass = FitDistillation(start_generation=1), fit_pass  # on in generation 1
     try:
         return evolve_epoch(loop, display, epoch)
     finally:

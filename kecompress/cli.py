@@ -21,11 +21,12 @@ from rich.console import Console
 
 from . import __version__, distributed, experiment
 from .acceleration import PRECISIONS, MixedPrecision, check_compile
+from .augment import AUGMENTATIONS, CROP_SCALE, SMALL_IMAGES, check_augmentation, default_augmentation
 from .bench import RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
-from .data import demo_datasets, image_folder_datasets, without_augmentation
+from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
@@ -33,6 +34,7 @@ from .export import DEFAULT_EXPORTER, EXPORTERS, LOWEST_OPSET, MAX_OPSET, MIN_OP
     export_table
 from .files import staged_directory
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
+from .info import info_view, split_info
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
 from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, calibration_subset, quantize_pair
@@ -40,6 +42,7 @@ from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
 from .split import METHODS, split as make_split
+from .weights import WeightsNote
 
 console = Console()
 
@@ -48,6 +51,9 @@ TRUST_HELP = "load a model file with full pickle, which can run code from it: on
 # Option ranges: click refuses anything outside them in one line, before any work starts.
 POSITIVE = click.IntRange(min=1)
 RATE = click.FloatRange(0, 1, min_open=True)
+ALIGN = click.IntRange(min=1)
+ALIGN_HELP = ("KELS: every coupled group of channels keeps a multiple of N (its count rounded up; e.g. 8 or 16, "
+              "the block widths fast kernels compute in); 1: the paper's rule")
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 IMAGE_SIZE = click.IntRange(min=8)
 UNIT = click.FloatRange(0, 1)
@@ -64,6 +70,7 @@ def app():
 @click.option("--split", "split_method", type=click.Choice(METHODS), default="kels",
               help="kels (slim fit) or wels (sparse fit)")
 @click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1]")
+@click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP)
 @click.option("--generations", type=POSITIVE, default=5, help="number of generations")
 @click.option("--epochs", type=POSITIVE, default=10, help="epochs per generation")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -72,6 +79,14 @@ def app():
               help="classes of a torchvision architecture (default: inferred from the data)")
 @click.option("--image-size", type=IMAGE_SIZE, default=None, help="input size (default 224, 32 for the demo data)")
 @click.option("--val-fraction", type=FRACTION, default=0.2, help="held-out fraction when --data has no val/")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
+              help=f"training augmentation of --data: resized-crop (ImageNet's random-resized crop and flip), pad-crop "
+                   f"(padded random crop and flip, as for CIFAR), none [default: pad-crop up to {SMALL_IMAGES} px, "
+                   "resized-crop above]")
+@click.option("--crop-scale", type=(RATE, RATE), default=CROP_SCALE, metavar="MIN MAX",
+              help="resized-crop: the share of the image's area a crop takes")
+@click.option("--workers", type=click.IntRange(0), default=0,
+              help="data loading processes (images are decoded once and kept in memory; augmenting them is cheap)")
 @click.option("--batch-size", type=POSITIVE, default=32, help="batch size (of each process under torchrun)")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1,
               help="SGD learning rate (momentum 0.9, cosine schedule)")
@@ -121,13 +136,21 @@ def app():
               help="train through torch.compile: slow to start, then faster (needs g++ on the CPU, triton on a GPU)")
 @click.option("--tensorboard", type=click.Path(path_type=Path), default=None,
               help="also write TensorBoard event files to this directory (pip install 'kecompress[tensorboard]')")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
+                   "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
-def evolve(model, split_method, rate, generations, epochs, data, num_classes, image_size, val_fraction,
+def evolve(model, split_method, rate, align, generations, epochs, data, num_classes, image_size, val_fraction, augment,
+           crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
            distill_label_weight, distill_start, finetune_fit, device, precision, channels_last, compile_model,
-           tensorboard, trust_model_file):
+           tensorboard, weights, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
+
+    For a slim network, measured in docs/distillation.md: KE's fit alone lost to the fit-sized
+    network trained from scratch; with --finetune-fit E (E epochs, distilled from the dense
+    network) it beat it, at more training cost.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
     with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
@@ -138,6 +161,7 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
     with distributed.fail_together(KecompressError, OSError):
+        check_augmentation(augment or "none", crop_scale)
         training = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                   warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
         forgetting = _forgetting(forget, forget_from, shrink, perturb)
@@ -148,22 +172,31 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start) \
             if distill_fit else None
-    config = RunConfig(model=model, num_classes=num_classes, split=split_method, rate=rate, seed=seed,
+    config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
+                       split=split_method, rate=rate, align=align, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
+                       augment=(augment or default_augmentation(image_size or FOLDER_IMAGE_SIZE)) if data else None,
+                       crop_scale=list(crop_scale) if data else None, workers=workers,
                        fit_batchnorm=fit_batchnorm, forget=forgetting, training=training,
                        trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None)
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
-    loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
-                            channels_last=channels_last, compile_model=compile_model,
-                            callbacks=([progress] if progress else []) + callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightsNote)
+        loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
+                                channels_last=channels_last, compile_model=compile_model,
+                                callbacks=([progress] if progress else []) + callbacks)
+    for warning in caught:  # a note on the weights in one line; any other warning as Python shows it
+        if issubclass(warning.category, WeightsNote):
+            _print_on_main(f"note: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     the_split = loop.split
     val_images = int(distributed.all_sum([len(loop.val_loader.dataset)])[0])  # each rank holds a part
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
                  if distributed.is_distributed() else "")
-    _print_on_main(f"[bold]kecompress evolve[/] {model}: {split_method.upper()} split at rate {rate}, "
-                   f"fit {the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters, "
+    _print_on_main(f"[bold]kecompress evolve[/] {model}: {describe_split(the_split)}, "
                    f"forgetting {describe(loop.run_config.forget)}; "
                    f"{len(loop.train_loader.dataset)} training / {val_images} validation images, "
                    f"{len(loop.run_config.classes)} classes; device {torch_device}, {precision}{processes}; "
@@ -175,6 +208,21 @@ def evolve(model, split_method, rate, generations, epochs, data, num_classes, im
                    f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
                    + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
                    f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method == "kels" else ""))
+
+
+def describe_split(the_split) -> str:
+    """The split in words, its fit fraction beside rate² (what the paper's rule keeps of a KELS split).
+
+    Example:
+        >>> import kecompress
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> describe_split(kecompress.split(model, "kels", 0.25, align=8))  # 8 of 16 hidden channels, not 4
+        'KELS split at rate 0.25 aligned to 8 channels, fit 50.6% of 178 split parameters (rate² 6.2%)'
+    """
+    aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
+    paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
+    return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
+            f"of {the_split.total_count():,} split parameters{paper}")
 
 
 def _forgetting(name: str, forget_from: str | None, shrink: float | None, perturb: float | None) -> dict:
@@ -237,8 +285,8 @@ def _short_names(paths: tuple[Path, ...]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, image_size, trust_model_file):
-    """The dense network, its slim fit and the input shape: from a finished run or an untrained model."""
+def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_classes, image_size, trust_model_file):
+    """The dense network, its slim fit, the input shape and the split: from a finished run or an untrained model."""
     run_dir = RunDirectory(source)
     if run_dir.is_run():
         dense, the_split, config = run_dir.load(trust_file=trust_model_file)
@@ -247,14 +295,14 @@ def _dense_and_fit(source: str, split_method: str, rate: float, num_classes, ima
             slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
         dense_for_fit = None if config.arch else run_dir.build_dense(config, trust_model_file)
         fit = load_fit(run_dir.fit_file, dense=dense_for_fit)
-        return dense, fit, input_shape
+        return dense, fit, input_shape, the_split
     dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
     size = image_size or 224
     input_shape = (3, size, size)
     example = torch.zeros(1, *input_shape)
     output_features(dense, example)  # a clear error when the model does not take this input
-    the_split = make_split(dense, split_method, rate, example_inputs=example)
-    return dense, slice_fit(dense, the_split, example_inputs=example), input_shape
+    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align)
+    return dense, slice_fit(dense, the_split, example_inputs=example), input_shape, the_split
 
 
 def _model_options(command):
@@ -263,6 +311,7 @@ def _model_options(command):
         click.option("--split", "split_method", type=click.Choice(METHODS), default="kels",
                      help="split of an untrained model (a run directory has its own)"),
         click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1] of an untrained model"),
+        click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP + " (an untrained model)"),
         click.option("--num-classes", type=POSITIVE, default=None,
                      help="outputs of a torchvision architecture [default: 1000]"),
         click.option("--input-size", "image_size", type=IMAGE_SIZE, default=None,
@@ -306,7 +355,8 @@ def _export_options(command):
                    "validation data")
 @_model_options
 def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
-           calibration_images, max_accuracy_drop, split_method, rate, num_classes, image_size, trust_model_file):
+           calibration_images, max_accuracy_drop, split_method, rate, align, num_classes, image_size,
+           trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
@@ -322,7 +372,9 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")
-    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+                                                        trust_model_file)
+    console.print(describe_split(the_split))
     calibration, validation = _int8_data(source, calibration_data, input_shape) if int8 else (None, None)
     with staged_directory(out) as staging:  # every file appears only once all are written and checked
         rows = export_pair(dense, fit, staging, input_shape, batch_size, opset, dynamic_batch, exporter=exporter)
@@ -375,7 +427,7 @@ def _int8_data(source: str, calibration_data: Path | None, input_shape):
 @_export_options
 @_model_options
 def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporter, int8, calibration_data,
-          calibration_images, split_method, rate, num_classes, image_size, trust_model_file):
+          calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
@@ -383,14 +435,49 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporte
     also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
     """
     _refuse_torchrun("bench")
-    dense, fit, input_shape = _dense_and_fit(source, split_method, rate, num_classes, image_size, trust_model_file)
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+                                                        trust_model_file)
     calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
                              int8_calibration=calibration, calibration_images=calibration_images)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
+        console.print(describe_split(the_split))
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
+
+
+@app.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="print it as JSON")
+@_model_options
+def info(source, as_json, split_method, rate, align, num_classes, image_size, trust_model_file):
+    """What a split does before any training: kept channels per layer, coupled groups, parameters and
+    MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
+
+    SOURCE is a run directory (finished or not), a torchvision architecture name, or a .pt model file.
+    """
+    run_dir = RunDirectory(source)
+    if run_dir.is_run():
+        config = run_dir.read_config()
+        dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
+        size = image_size or config.image_size
+        records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
+        run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
+        if records:
+            last = records[-1]
+            run["last generation"] = f"{last.generation}: dense {last.metric} {last.dense:.4f}, fit {last.fit:.4f}"
+    else:
+        dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
+        size = image_size or 224
+        output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
+        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
+        run = {}
+    described = split_info(dense, the_split, (3, size, size), run)
+    if as_json:
+        click.echo(json.dumps(described.to_json(), indent=2))
+    else:
+        console.print(info_view(described, f"{source}: the split"))
 
 
 def _refuse_torchrun(command: str) -> None:

@@ -76,13 +76,18 @@ class RunConfig:
 
     model: str | None = None  # a torchvision architecture name or a model file; None: a model from Python
     num_classes: int | None = None
+    weights: str | None = None  # a state dict loaded into the model before the split; None: random init
     classes: list[str] | None = None
     split: str = "kels"
     rate: float = 0.5
+    align: int = 1  # KELS: every coupled group keeps a multiple of this many channels
     seed: int = 0  # of the split, the data order and the resets
     data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
     image_size: int | None = None
     val_fraction: float | None = 0.2
+    augment: str | None = None  # an image folder's augmentation (kecompress.augment); None: the demo's, none
+    crop_scale: list[float] | None = None  # the resized crop's share of the image's area, [min, max]
+    workers: int = 0  # data loading processes: their random numbers are not the main process's
     batch_size: int | None = 32
     label_smoothing: float | None = 0.1
     fit_batchnorm: str = "re-estimated"
@@ -98,8 +103,8 @@ class RunConfig:
     # Settings that may differ between a run and its resumed continuation.
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
-    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress",
-               "forget": {"name": "ke"}}
+    _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
+               "forget": {"name": "ke"}, "align": 1}
 
     @property
     def arch(self) -> str | None:
@@ -117,6 +122,8 @@ class RunConfig:
     def from_json(cls, values: dict) -> "RunConfig":
         """Read ``config.json``; settings it lacks take the value runs had before they existed."""
         known = {item.name for item in fields(cls)}
+        if values.get("data") and "augment" not in values:  # image folders were augmented one way
+            values = {**values, "augment": "resized-crop", "crop_scale": [0.08, 1.0]}
         values = {**cls._LEGACY, **{key: value for key, value in values.items() if key in known}}
         values["training"] = TrainingConfig(**values.get("training", {}))
         return cls(**values)

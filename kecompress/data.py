@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
+from torchvision.transforms.functional import pil_to_tensor
 
+from .augment import CROP_SCALE, check_augmentation, default_augmentation, stored_size, train_transform, val_transform
 from .errors import KecompressError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEMO_IMAGE_SIZE = 32
 FOLDER_IMAGE_SIZE = 224
 
@@ -66,14 +66,21 @@ class _DigitsDataset(Dataset):
 
 
 def image_folder_datasets(root: str | Path, image_size: int = FOLDER_IMAGE_SIZE, val_fraction: float = 0.2,
-                          seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
+                          seed: int = 0, augment: str | None = None, crop_scale=CROP_SCALE,
+                          cache: bool | None = None) -> tuple[Dataset, Dataset, list[str]]:
     """Training and validation sets from a directory of images, one subdirectory per class.
 
     ``root`` holds either ``train/`` and ``val/``, each with the same class directories, or
     the class directories themselves; then a seeded, stratified ``val_fraction`` of each class
-    is held out for validation. Training images get RandomResizedCrop + horizontal flip,
-    validation images Resize + CenterCrop, both ImageNet-normalised. Images are decoded when
-    read; one that cannot be decoded raises a :class:`KecompressError` naming the file.
+    is held out for validation. Training images get ``augment`` (:mod:`kecompress.augment`; by
+    default chosen from ``image_size``), validation images their shorter side at ``image_size``
+    and the centre square, both ImageNet-normalised.
+
+    KE reads the same few hundred images thousands of times, so every image is decoded once and
+    kept in memory, resized (:func:`kecompress.augment.stored_size`), and augmented as a tensor
+    each time it is read; ``cache=False`` decodes on every read instead, as it does by default when
+    the images would take more than 2 GiB. An image that cannot be decoded raises a
+    :class:`KecompressError` naming the file.
 
     Raises:
         KecompressError: a missing or empty ``root``, no class directories or images, fewer than
@@ -92,19 +99,16 @@ def image_folder_datasets(root: str | Path, image_size: int = FOLDER_IMAGE_SIZE,
         (4, 2, ['cat', 'dog'], torch.Size([3, 32, 32]))
     """
     _check_image_size(image_size)
+    augment = augment or default_augmentation(image_size)
+    check_augmentation(augment, crop_scale)
     root = Path(root)
     if not root.exists():
         raise KecompressError(f"data directory {root} does not exist: check the --data path")
     if not root.is_dir():
         raise KecompressError(f"data path {root} is a file: pass a directory with one "
                               "subdirectory of images per class")
-    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_transform = transforms.Compose([
-        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalise])
-    val_transform = transforms.Compose([
-        transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
-        transforms.ToTensor(), normalise])
+    training, validation = train_transform(augment, image_size, crop_scale), val_transform(image_size)
+    stored = stored_size(augment, image_size)
 
     has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
     if has_train != has_val:
@@ -113,22 +117,67 @@ def image_folder_datasets(root: str | Path, image_size: int = FOLDER_IMAGE_SIZE,
             f"{root} has {present}/ but no {missing}/: add {missing}/ with the same class "
             f"directories, or rename {present}/ if it is a class")
     if has_train:
-        train = _image_folder(root / "train", train_transform)
-        val = _image_folder(root / "val", val_transform)
-        if train.classes != val.classes:
-            only_train = sorted(set(train.classes) - set(val.classes))
-            only_val = sorted(set(val.classes) - set(train.classes))
+        train_folder, val_folder = _image_folder(root / "train"), _image_folder(root / "val")
+        if train_folder.classes != val_folder.classes:
+            only_train = sorted(set(train_folder.classes) - set(val_folder.classes))
+            only_val = sorted(set(val_folder.classes) - set(train_folder.classes))
             raise KecompressError(
                 f"{root}: train/ and val/ have different classes (only in train/: {only_train or 'none'}, "
                 f"only in val/: {only_val or 'none'}): give both the same class directories")
-        return train, val, train.classes
+        return (DecodedImages(train_folder.samples, stored, training, cache),
+                DecodedImages(val_folder.samples, stored, validation, cache), train_folder.classes)
 
-    folder = _image_folder(root, train_transform)
+    folder = _image_folder(root)
     train_indices, val_indices = stratified_split(folder.targets, val_fraction, seed, folder.classes)
-    # Both subsets read the same scanned file list; only the transform differs.
-    val_folder = copy.copy(folder)
-    val_folder.transform = val_transform
-    return Subset(folder, train_indices), Subset(val_folder, val_indices), folder.classes
+    images = DecodedImages(folder.samples, stored, training, cache)  # decoded once for both subsets
+    return Subset(images, train_indices), Subset(images.with_transform(validation), val_indices), folder.classes
+
+
+class DecodedImages(Dataset):
+    """Images of ``(path, label)`` samples, decoded once and kept in memory as uint8 tensors with
+    their shorter side at ``stored`` pixels (``cache``; by default unless that would take more
+    than 2 GiB), then ``transform``-ed each time one is read.
+
+    Example:
+        >>> import tempfile, os
+        >>> from PIL import Image
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
+        >>> Image.new("RGB", (60, 40)).save(path)
+        >>> images = DecodedImages([(path, 1)], stored=20, transform=lambda image: image)
+        >>> images[0][0].shape, images[0][1]
+        (torch.Size([3, 20, 30]), 1)
+    """
+
+    MAX_CACHE_BYTES = 2 * 2 ** 30
+
+    def __init__(self, samples: list[tuple[str, int]], stored: int, transform, cache: bool | None = None):
+        self.samples, self.stored, self.transform = list(samples), stored, transform
+        self.targets = [label for _, label in self.samples]
+        if cache is None:  # a square image at the stored size, at least
+            cache = len(self.samples) * 3 * stored * stored <= self.MAX_CACHE_BYTES
+        self.images = [self._decode(path) for path, _ in self.samples] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = self.images[index] if self.images is not None else self._decode(path)
+        return self.transform(image), label
+
+    def with_transform(self, transform) -> "DecodedImages":
+        """The same images (not decoded again), read through another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def _decode(self, path: str) -> torch.Tensor:
+        image = load_rgb_image(path)
+        scale = self.stored / min(image.size)
+        if scale < 1:  # never enlarged: the transforms resize on tensors where they must
+            image = image.resize((max(round(image.width * scale), 1), max(round(image.height * scale), 1)),
+                                 Image.Resampling.BILINEAR, reducing_gap=None)
+        return pil_to_tensor(image)
 
 
 def _class_names(directory: Path) -> list[str]:
@@ -143,7 +192,7 @@ class _ImageFolder(datasets.ImageFolder):
         return classes, {name: index for index, name in enumerate(classes)}
 
 
-def _image_folder(directory: Path, transform) -> datasets.ImageFolder:
+def _image_folder(directory: Path) -> datasets.ImageFolder:
     classes = _class_names(directory)
     if not classes:
         what = "is empty" if not any(directory.iterdir()) else "has no class directories"
@@ -153,7 +202,7 @@ def _image_folder(directory: Path, transform) -> datasets.ImageFolder:
         raise KecompressError(f"data directory {directory} has a single class ({classes[0]}): "
                               "KE needs at least two classes, add a directory of images per class")
     try:
-        return _ImageFolder(directory, transform=transform, loader=load_rgb_image)
+        return _ImageFolder(directory)  # its file list; the images are decoded by DecodedImages
     except FileNotFoundError as error:  # torchvision's check: a class directory without images
         raise KecompressError(f"data directory {directory}: {error}; put images in every class "
                               "directory or remove the empty ones") from None
@@ -235,7 +284,7 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int,
 def class_labels(dataset: Dataset) -> list[int]:
     """The class label of every item of ``dataset``, read without decoding images where possible.
 
-    Knows the bundled demo, torchvision's ImageFolder and ``Subset`` of either; any other data
+    Knows the bundled demo, image folders (decoded or torchvision's) and ``Subset`` of them; any other data
     set is read item by item.
 
     Example:
@@ -248,7 +297,7 @@ def class_labels(dataset: Dataset) -> list[int]:
         return [parent[index] for index in dataset.indices]
     if isinstance(dataset, _DigitsDataset):
         return dataset.labels.tolist()
-    if isinstance(dataset, datasets.DatasetFolder):
+    if isinstance(dataset, (datasets.DatasetFolder, DecodedImages)):
         return list(dataset.targets)
     return [int(dataset[index][1]) for index in range(len(dataset))]
 
@@ -282,8 +331,9 @@ def per_class_subset(dataset: Dataset, per_class: int, seed: int,
 
 
 def load_datasets(data: str | Path | None, image_size: int | None = None, val_fraction: float = 0.2,
-                  seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
-    """The image folder at ``data``, or the digits demo when ``data`` is None.
+                  seed: int = 0, augment: str | None = None, crop_scale=CROP_SCALE) -> tuple[Dataset, Dataset, list[str]]:
+    """The image folder at ``data`` (augmented with ``augment``, see :func:`image_folder_datasets`),
+    or the digits demo, which is not augmented, when ``data`` is None.
 
     ``image_size`` None means 224 for an image folder and 32 for the demo.
 
@@ -294,12 +344,16 @@ def load_datasets(data: str | Path | None, image_size: int | None = None, val_fr
     """
     if data is None:
         return demo_datasets(image_size or DEMO_IMAGE_SIZE, val_fraction, seed)
-    return image_folder_datasets(data, image_size or FOLDER_IMAGE_SIZE, val_fraction, seed)
+    return image_folder_datasets(data, image_size or FOLDER_IMAGE_SIZE, val_fraction, seed, augment, crop_scale)
 
 
-def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int,
-                 workers: int = 0, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """Data loaders; the training order (and workers' augmentation seeds) follow ``seed``.
+
+    ``workers`` processes load and augment in the background (each epoch's start them afresh, so
+    that their random numbers follow the epoch's seed and a resumed run draws what an
+    uninterrupted one does); ``pin_memory`` for a CUDA device.
 
     With ``world_size`` above 1 (under torchrun, see :mod:`kecompress.distributed`), the loaders
     of process ``rank``: a seeded ``DistributedSampler`` gives it every ``world_size``-th image of
@@ -323,9 +377,9 @@ def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int,
     images = len(sampler) if sampler is not None else len(train)
     drop_last = images > batch_size and images % batch_size == 1
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=drop_last, num_workers=workers,
+                              drop_last=drop_last, num_workers=workers, pin_memory=pin_memory,
                               generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers)
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
     return train_loader, val_loader
 
 

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from .errors import KecompressError
 from .slim import slice_fit
-from .split import Split
+from .split import Split, kept_indices
 
 
 @dataclass(frozen=True)
@@ -175,15 +175,8 @@ def _kept_channels(mask: torch.Tensor) -> list | None:
         >>> _kept_channels(mask)
         [2, tensor([0, 2])]
     """
-    kept, block = [], torch.ones((), dtype=torch.bool)
-    for dim in range(mask.dim()):
-        along = mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(dim=1)
-        block = block.unsqueeze(-1) & along
-        indices = along.nonzero().flatten()
-        if len(indices) == mask.shape[dim]:
-            kept.append(None)
-        elif torch.equal(indices, torch.arange(len(indices))):
-            kept.append(len(indices))
-        else:
-            kept.append(indices)
-    return kept if torch.equal(block, mask) else None
+    indices = kept_indices(mask)
+    if indices is None:
+        return None
+    return [None if len(kept) == size else len(kept) if torch.equal(kept, torch.arange(len(kept))) else kept
+            for kept, size in zip(indices, mask.shape)]

@@ -149,7 +149,7 @@ class Evolution:
         self.example_inputs = example_inputs
         self.forgetting = for_model(ResetHypothesis() if forgetting is None else forgetting, self.model)
         self.run_config = run_config or RunConfig(
-            model=None, split=split.method, rate=split.rate, seed=split.seed, val_fraction=None,
+            model=None, split=split.method, rate=split.rate, align=split.align, seed=split.seed, val_fraction=None,
             batch_size=getattr(train_loader, "batch_size", None), label_smoothing=None,
             fit_batchnorm=fit_batchnorm, forget=settings_of(self.forgetting), metric=metric_name,
             training=self.config, distill_fit=fit_distillation and fit_distillation.identity(),
@@ -161,7 +161,6 @@ class Evolution:
         self.optimizer = self.schedule = None  # each generation's, made when it starts
         self.fit: nn.Module | None = None  # the fit network of the last finished generation, as measured
         self.ctrl_c = CtrlCGuard()
-        self.fit_distillation = fit_distillation
         fit_pass = FitPass(self.model, split, self.example_input()) if fit_distillation else None
         self.step = TrainingStep(self.model, self.loss_fn, self.amp, self.device, channels_last, compile_model,
                                  self.ctrl_c, fit_distillation, fit_pass)

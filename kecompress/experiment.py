@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from . import data as datasets
 from . import distributed
 from .acceleration import check_channels_last
+from .augment import CROP_SCALE
 from .callbacks import Callback
 from .config import RunConfig
 from .distillation import FitDistillation
@@ -36,6 +37,7 @@ from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
 from .split import Split, split as make_split
+from .weights import load_weights
 
 
 def load_data(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
@@ -47,7 +49,8 @@ def load_data(config: RunConfig) -> tuple[Dataset, Dataset, list[str]]:
         >>> len(classes)
         10
     """
-    return datasets.load_datasets(config.data, config.image_size, config.val_fraction, config.seed)
+    return datasets.load_datasets(config.data, config.image_size, config.val_fraction, config.seed, config.augment,
+                                  config.crop_scale or CROP_SCALE)
 
 
 def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None = None, *,
@@ -58,7 +61,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
 
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
     ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
-    from ``config.seed``; the split is drawn (or, resuming,
+    from ``config.seed``, with ``config.weights`` loaded into it (:func:`~kecompress.weights.load_weights`:
+    a classifier of another size is re-initialised, with a ``WeightsNote`` warning); the split is drawn (or, resuming,
     read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``; the
     forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
     ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
@@ -79,6 +83,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
                          image_size=example_inputs.shape[-1], world_size=distributed.world_size())
         torch.manual_seed(config.seed)
         model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        if config.weights:
+            load_weights(model, config.weights)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
@@ -94,7 +100,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if resume:
             remove_stale_temporaries(run_dir.path)
             return run_dir.read_split()
-        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed)
+        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed,
+                               align=config.align)
         if run_dir is not None:
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split
@@ -103,8 +110,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     with distributed.fail_together(KecompressError):
         the_split.check_matches(model)
         train_loader, val_loader = datasets.make_loaders(
-            train_set, val_set, config.batch_size, config.seed, rank=distributed.rank(),
-            world_size=distributed.world_size())
+            train_set, val_set, config.batch_size, config.seed, config.workers, rank=distributed.rank(),
+            world_size=distributed.world_size(), pin_memory=torch.device(device).type == "cuda")
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         device = torch.device(device)
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,

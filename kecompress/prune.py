@@ -37,6 +37,27 @@ if TYPE_CHECKING:
     from .split import Split
 
 
+def kept_fraction(rate=None, amount=None) -> float:
+    """The split rate (the fraction kept) from either ``rate`` or PyTorch's ``amount`` (the
+    fraction pruned, as ``torch.nn.utils.prune``'s methods take it); exactly one of them.
+
+    Example:
+        >>> kept_fraction(rate=0.5), kept_fraction(amount=0.7)
+        (0.5, 0.3)
+    """
+    if (rate is None) == (amount is None):
+        raise KecompressError("pass either rate (the fraction kept, KE's split rate) or amount (the fraction "
+                              "pruned, PyTorch's convention), not " + ("both" if rate is not None else "neither"))
+    if amount is None:
+        return check_rate(rate)
+    if isinstance(amount, bool) or not isinstance(amount, float) and not (isinstance(amount, int) and amount == 0):
+        raise KecompressError(f"amount must be a fraction of the entries to prune in [0, 1), got {amount!r}: "
+                              "a count of entries is not supported; e.g. amount=0.5")
+    if not 0 <= amount < 1:
+        raise KecompressError(f"amount (the fraction pruned) must be in [0, 1), got {amount}: e.g. amount=0.5")
+    return round(1 - amount, 12)  # 1 - 0.7 is 0.30000000000000004, which would keep one channel too many
+
+
 class KELS(prune.BasePruningMethod):
     r"""Kernel-level split of one tensor: keep the first channels, prune the rest.
 
@@ -59,15 +80,17 @@ class KELS(prune.BasePruningMethod):
             whose inputs are, say, RGB. Default: False.
         keep_outputs (bool): keep every output channel (dim 0), as for a network's output layer
             whose outputs are the logits. Default: False.
+        amount (float): instead of ``rate``, PyTorch's convention: the fraction *pruned*, in [0, 1).
 
     Raises:
-        KecompressError: ``rate`` is not a number in (0, 1].
+        KecompressError: ``rate`` is not a number in (0, 1], or both or neither of ``rate`` and
+            ``amount`` are given.
     """
 
     PRUNING_TYPE = "structured"
 
-    def __init__(self, rate, keep_inputs: bool = False, keep_outputs: bool = False) -> None:
-        self.rate = check_rate(rate)
+    def __init__(self, rate=None, keep_inputs: bool = False, keep_outputs: bool = False, *, amount=None) -> None:
+        self.rate = kept_fraction(rate, amount)
         self.keep_inputs = keep_inputs
         self.keep_outputs = keep_outputs
         # PruningContainer hands a structured method only the channels along `dim` that are
@@ -102,7 +125,7 @@ class KELS(prune.BasePruningMethod):
         return alive & (alive.cumsum(0) <= keep)
 
     @classmethod
-    def apply(cls, module, name, rate, keep_inputs=False, keep_outputs=False):  # type: ignore[override]
+    def apply(cls, module, name, rate=None, keep_inputs=False, keep_outputs=False, *, amount=None):  # type: ignore[override]
         r"""Add KELS pruning on the fly and the reparameterisation of ``module.name``.
 
         Args:
@@ -111,10 +134,12 @@ class KELS(prune.BasePruningMethod):
             rate (float): split rate in (0, 1], the fraction kept.
             keep_inputs (bool): keep every input channel.
             keep_outputs (bool): keep every output channel.
+            amount (float): instead of ``rate``, the fraction pruned (PyTorch's convention).
 
         Returns:
             KELS or PruningContainer: the hook now registered on ``module``.
         """
+        rate = kept_fraction(rate, amount)
         keeps_a_whole_side = keep_inputs or keep_outputs
         if getattr(module, name).dim() == 1 and keeps_a_whole_side and _pruning_hook(module, name) is not None:
             # PruningContainer passes a structured method a 1-D tensor as a (1, C) view, where
@@ -140,15 +165,19 @@ class WELS(prune.BasePruningMethod):
     Args:
         rate (float): split rate in (0, 1], the probability that an entry is *kept*.
         seed (int): seed of the generator the mask is drawn from. Default: 0.
+        amount (float): instead of ``rate``, PyTorch's convention: the fraction *pruned*, in [0, 1),
+            so that ``prune.global_unstructured(params, pruning_method=WELS, amount=0.5)`` works
+            as with PyTorch's own methods.
 
     Raises:
-        KecompressError: ``rate`` is not a number in (0, 1].
+        KecompressError: ``rate`` is not a number in (0, 1], or both or neither of ``rate`` and
+            ``amount`` are given.
     """
 
     PRUNING_TYPE = "unstructured"
 
-    def __init__(self, rate, seed: int = 0) -> None:
-        self.rate = check_rate(rate)
+    def __init__(self, rate=None, seed: int = 0, *, amount=None) -> None:
+        self.rate = kept_fraction(rate, amount)
         self.seed = int(seed)
 
     def compute_mask(self, t, default_mask):
@@ -167,7 +196,7 @@ class WELS(prune.BasePruningMethod):
         return default_mask * fit.to(device=default_mask.device, dtype=default_mask.dtype)
 
     @classmethod
-    def apply(cls, module, name, rate, seed=0):  # type: ignore[override]
+    def apply(cls, module, name, rate=None, seed=0, *, amount=None):  # type: ignore[override]
         r"""Add WELS pruning on the fly and the reparameterisation of ``module.name``.
 
         Args:
@@ -175,11 +204,12 @@ class WELS(prune.BasePruningMethod):
             name (str): name of the parameter inside ``module``, e.g. ``"weight"``.
             rate (float): split rate in (0, 1], the probability an entry is kept.
             seed (int): seed of the Bernoulli draw.
+            amount (float): instead of ``rate``, the fraction pruned (PyTorch's convention).
 
         Returns:
             WELS or PruningContainer: the hook now registered on ``module``.
         """
-        return super().apply(module, name, rate=rate, seed=seed)
+        return super().apply(module, name, rate=kept_fraction(rate, amount), seed=seed)
 
 
 class FitMask(prune.BasePruningMethod):
@@ -253,7 +283,7 @@ def kels(module: nn.Module, name: str, rate: float, keep_inputs: bool = False,
                 [0., 0., 0., 0., 0.],
                 [0., 0., 0., 0., 0.]])
     """
-    KELS.apply(module, name, rate, keep_inputs=keep_inputs, keep_outputs=keep_outputs)
+    KELS.apply(module, name, check_rate(rate), keep_inputs=keep_inputs, keep_outputs=keep_outputs)
     return module
 
 
@@ -278,7 +308,7 @@ def wels(module: nn.Module, name: str, rate: float, seed: int = 0) -> nn.Module:
         >>> torch.equal(a.weight_mask, b.weight_mask), round(a.weight_mask.mean().item(), 1)
         (True, 0.3)
     """
-    WELS.apply(module, name, rate, seed=seed)
+    WELS.apply(module, name, check_rate(rate), seed=seed)
     return module
 
 

@@ -7,7 +7,8 @@
                     "finetune": {"epochs": ..., "fit_accuracy": ..., "fit_loss": ...} (when fine-tuned)}
     generations.png dense and fit accuracy and the losses against generation (``kecompress report``)
     dense.pt        the final dense model's state_dict (the architecture is in config.json)
-    fit.pt          the final fit network (KELS; fine-tuned, when asked): a recipe plus weights, rebuilt and re-sliced on load
+    fit.pt          the final fit network (KELS; fine-tuned, when asked): a recipe (architecture and the fit
+                    channels of every parameter) plus weights, rebuilt and re-sliced on load
     source_model.pt the whole model the run started from, when it is no torchvision architecture
     onnx/           ``kecompress export``'s ONNX files
 
@@ -34,9 +35,10 @@ from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
 from .slim import slice_fit
-from .split import Split, split as make_split
+from .split import Split, block_mask, kept_indices, split as make_split
 
-FIT_FORMAT = "kecompress-fit/1"
+# /2 records the fit channels of every parameter; /1 only the split's method, rate and seed (the rate rule).
+FIT_FORMAT, RATE_RULE_FIT_FORMAT = "kecompress-fit/2", "kecompress-fit/1"
 
 
 class RunDirectory:
@@ -126,7 +128,7 @@ class RunDirectory:
         state = self.read_checkpoint()
         split = state.get("split") or {}
         training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
-        return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"),
+        return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"), align=1,
                        training=TrainingConfig(**training), world_size=state.get("world_size", 1),
                        forget={"name": "ke"})  # the one strategy of the versions that wrote such directories
 
@@ -211,7 +213,8 @@ class RunDirectory:
             return None
         data = Path(config.data).name if config.data else "the digits demo"
         forgetting = f", forgetting {describe(config.forget)}" if config.forget != {"name": "ke"} else ""
-        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{forgetting}, on {data}"
+        aligned = f" aligned to {config.align} channels" if config.align != 1 else ""
+        return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{aligned}{forgetting}, on {data}"
 
     # -- the end: the final dense and fit networks -------------------------------------------
     def save_final(self, model: nn.Module, fit: nn.Module | None, split: Split, config: RunConfig,
@@ -283,17 +286,21 @@ def load_run(run_dir: str | Path, trust_file: bool = False) -> tuple[nn.Module, 
 
 
 def save_fit(path: Path, fit: nn.Module, config: RunConfig, split: Split, input_shape) -> None:
-    """Save a slim fit network as a recipe (architecture, split, input shape) plus its weights.
+    """Save a slim fit network as a recipe (architecture, the split's fit channels, input shape)
+    plus its weights.
 
     It reloads with :func:`load_fit` without running code from the file: the architecture is
-    rebuilt and re-sliced, then the weights are loaded into it.
+    rebuilt and cut to the saved channels, however the split chose them, then the weights are
+    loaded into it.
 
     Example:
         >>> # save_fit(Path("fit.pt"), fit, RunConfig(model="resnet18", num_classes=10), split, (3, 32, 32))
     """
+    # The kept indices along each dimension: a KELS mask is their block, and they take far less room.
+    fit_channels = {name: kept_indices(mask) for name, mask in split.masks.items()}
     recipe = {"format": FIT_FORMAT, "arch": config.arch, "num_classes": config.num_classes,
-              "method": split.method, "rate": split.rate, "seed": split.seed,
-              "input_shape": list(input_shape), "state_dict": fit.state_dict()}
+              "method": split.method, "rate": split.rate, "seed": split.seed, "align": split.align,
+              "fit_channels": fit_channels, "input_shape": list(input_shape), "state_dict": fit.state_dict()}
     save_torch(recipe, path)
 
 
@@ -315,15 +322,23 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
     except Exception as error:
         raise KecompressError(f"cannot read fit network {path} ({error.__class__.__name__}): "
                               "the file is damaged or not a kecompress fit network") from None
-    if not isinstance(recipe, dict) or recipe.get("format") != FIT_FORMAT:
+    if not isinstance(recipe, dict) or recipe.get("format") not in (FIT_FORMAT, RATE_RULE_FIT_FORMAT):
         raise KecompressError(f"{path} is not a kecompress fit network")
     if dense is None:
         if not recipe["arch"]:
             raise KecompressError(f"{path} was cut from a model file: pass its dense model to load_fit")
         dense = build_model(recipe["arch"], recipe["num_classes"])
     example = torch.zeros(1, *recipe["input_shape"])
-    fit = slice_fit(dense, make_split(dense, recipe["method"], recipe["rate"], example_inputs=example,
-                                      seed=recipe["seed"]), example_inputs=example)
+    if recipe["format"] == FIT_FORMAT:
+        shapes = {name: param.shape for name, param in dense.named_parameters()}
+        if set(recipe["fit_channels"]) != set(shapes):
+            raise KecompressError(f"the fit channels in {path} do not name this model's parameters: "
+                                  "the file does not belong to this architecture")
+        masks = {name: block_mask(shapes[name], kept) for name, kept in recipe["fit_channels"].items()}
+        the_split = Split(recipe["method"], recipe["rate"], recipe["seed"], masks, recipe["align"])
+    else:  # written before the fit channels were saved: made by the rate rule, which splitting again repeats
+        the_split = make_split(dense, recipe["method"], recipe["rate"], example_inputs=example, seed=recipe["seed"])
+    fit = slice_fit(dense, the_split, example_inputs=example)
     try:
         fit.load_state_dict(recipe["state_dict"])
     except RuntimeError:

@@ -14,15 +14,17 @@ from . import distributed
 from .config import FIT_BATCHNORM
 from .errors import KecompressError
 from .seeds import batchnorm_seed, rank_seed, seed_loader
-from .split import Split, kels_groups, trace_dependency_graph
+from .split import Split, groups_from_masks, kept_indices, trace_dependency_graph
 
 
 def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
     """Return a new module that holds only the fit hypothesis of a KELS split.
 
-    Every conv, linear and normalisation layer loses its reset channels; channels coupled by
-    residual adds, concatenations, depthwise and grouped convolutions or a flatten are cut once
-    per coupled group through torch-pruning's dependency graph. ``model`` is left untouched.
+    Every conv, linear and normalisation layer loses exactly the channels the split's masks mark
+    as reset, however they were chosen (the rate rule, aligned, by importance, by hand);
+    channels coupled by residual adds, concatenations, depthwise and grouped convolutions or a
+    flatten are cut once per coupled group through torch-pruning's dependency graph, and every
+    layer of a group must agree on them. ``model`` is left untouched.
 
     For networks with BatchNorm, the result computes exactly what ``model`` computes with the
     reset hypothesis zeroed (to float round-off). With LayerNorm or GroupNorm over channels it
@@ -37,8 +39,9 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
         The slim fit network, in the mode (train/eval) ``model`` was in.
 
     Raises:
-        KecompressError: a WELS split (sparse, not slim), a split of another model, or a model
-            the dependency graph cannot handle.
+        KecompressError: a WELS split (sparse, not slim), a split of another model, a mask that
+            is not whole channels or disagrees with the layers coupled to it (naming the layer and
+            the channels), or a model the dependency graph cannot handle.
 
     Example:
         >>> import torch, torchvision, kecompress
@@ -54,14 +57,29 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
             "so no smaller dense network computes it; use a KELS split to get a slim network, or "
             "evaluate the WELS fit as a masked dense model (kecompress.prune.fit_hypothesis)")
     split.check_matches(model)
+    for name, mask in split.masks.items():
+        if kept_indices(mask) is None:
+            raise KecompressError(f"the split's mask of '{name}' does not keep whole channels, so no slim network "
+                                  "computes it: a KELS mask keeps every entry of a kept channel and none of a reset one")
     fit = copy.deepcopy(model)
     graph = trace_dependency_graph(fit, example_inputs)
-    for group, kept in kels_groups(graph, split.rate):
-        root = group.items[0]
-        reset = [channel for channel in range(len(root.idxs)) if channel not in kept]
-        if reset:
-            graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
+    # Every group is read before any is cut: the masks number the channels of the uncut model.
+    cuts = [(group.items[0], [channel for channel in range(len(group.items[0].idxs)) if channel not in kept])
+            for group, kept in groups_from_masks(graph, split.masks)]
+    for root, reset in cuts:
+        graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
+    _check_cut_matches_masks(model, fit, split)
     return fit
+
+
+def _check_cut_matches_masks(model: nn.Module, fit: nn.Module, split: Split) -> None:
+    """Refuse a cut that kept other entries than the masks do: masks that reset channels no
+    coupled group holds (the model's input channels, say) cannot be cut."""
+    dense = dict(model.named_parameters())
+    for name, param in fit.named_parameters():
+        if not torch.equal(dense[name].detach()[split.masks[name]], param.detach().flatten()):
+            raise KecompressError(f"the split's mask of '{name}' resets entries that slicing cannot cut (the "
+                                  "model's input channels, say, which belong to no coupled group): keep them in the fit")
 
 
 def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchnorm: str = "re-estimated",

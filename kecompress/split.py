@@ -7,7 +7,8 @@ A split maps every parameter it touches to a bool mask of the same shape, True m
 * KELS, kernel-level: the fit is the first ``ceil(rate*C)`` channels of every layer, so it is
   a slim dense sub-network that can be cut out (``kecompress.slice_fit``). Channels that are
   coupled (residual adds, concatenations, depthwise and grouped convolutions, flatten into a
-  linear layer) are decided once per coupled group of torch-pruning's dependency graph.
+  linear layer) are decided once per coupled group of torch-pruning's dependency graph; with
+  ``align=N`` every group keeps a multiple of N channels (the block widths fast kernels use).
 * WELS, weight-level: every conv and linear weight is in the fit with probability ``rate``.
   The fit is sparse, not slim: dense runtimes do not run it any faster.
 """
@@ -15,6 +16,7 @@ A split maps every parameter it touches to a bool mask of the same shape, True m
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,7 @@ class Split:
         seed: the seed the split was drawn with (WELS draws from it; KELS is deterministic).
         masks: parameter name (as in ``model.named_parameters()``) -> bool tensor of that
             parameter's shape, True = fit hypothesis.
+        align: KELS: every coupled group keeps a multiple of this many channels (1: the paper's rule).
 
     Example:
         >>> import torchvision
@@ -57,6 +60,7 @@ class Split:
     rate: float
     seed: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    align: int = 1
 
     def fit_count(self) -> int:
         """Number of parameter entries in the fit hypothesis.
@@ -115,11 +119,12 @@ class Split:
             >>> Split("wels", 0.5).to_dict()["method"]
             'wels'
         """
-        return {"method": self.method, "rate": self.rate, "seed": self.seed, "masks": dict(self.masks)}
+        return {"method": self.method, "rate": self.rate, "seed": self.seed, "align": self.align,
+                "masks": dict(self.masks)}
 
     @classmethod
     def from_dict(cls, state: dict) -> "Split":
-        """Rebuild a Split from :meth:`to_dict`'s output.
+        """Rebuild a Split from :meth:`to_dict`'s output (a split saved before ``align`` existed has 1).
 
         Example:
             >>> Split.from_dict(Split("wels", 0.5).to_dict()).rate
@@ -127,7 +132,7 @@ class Split:
         """
         try:
             return cls(method=str(state["method"]), rate=float(state["rate"]), seed=int(state["seed"]),
-                       masks={str(k): v.bool() for k, v in state["masks"].items()})
+                       masks={str(k): v.bool() for k, v in state["masks"].items()}, align=int(state.get("align", 1)))
         except (KeyError, TypeError, AttributeError) as error:
             raise KecompressError(f"not a kecompress split ({error!r}): make one with kecompress.split") from None
 
@@ -178,7 +183,19 @@ def check_rate(rate) -> float:
     return value
 
 
-def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed: int = 0) -> Split:
+def check_align(align) -> int:
+    """Return ``align`` as an int, or raise a KecompressError unless it is a whole number of at least 1.
+
+    Example:
+        >>> check_align(16)
+        16
+    """
+    if isinstance(align, bool) or not isinstance(align, numbers.Integral) or align < 1:
+        raise KecompressError(f"align must be a whole number of channels, at least 1, got {align!r}: e.g. 8")
+    return int(align)
+
+
+def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed: int = 0, align: int = 1) -> Split:
     """Split ``model`` into a fit and a reset hypothesis.
 
     Args:
@@ -189,14 +206,18 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
         example_inputs: an input the model accepts, for tracing (KELS only). When absent, a
             224x224 image batch of one is made from the first layer's input channels.
         seed: WELS draws its Bernoulli masks from a generator seeded with this.
+        align: KELS: every coupled group keeps a multiple of ``align`` channels (its kept count
+            rounded up, at least ``align``, never more than the group has), so that the slim
+            network's layers have the widths fast kernels compute in blocks of (8 or 16, say).
+            1, the default, is the paper's rule.
 
     Returns:
         A :class:`Split` whose ``masks`` cover every conv and linear layer (and, for KELS,
         every normalisation layer).
 
     Raises:
-        KecompressError: unknown method, a rate outside (0, 1], or (KELS) a model that the
-            dependency graph cannot split, naming the layer.
+        KecompressError: unknown method, a rate outside (0, 1], an ``align`` below 1 or with
+            WELS, or (KELS) a model that the dependency graph cannot split, naming the layer.
 
     Example:
         >>> import torchvision
@@ -204,16 +225,24 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
         >>> s = split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 64, 64))
         >>> s.masks["classifier.1.weight"].sum(0).unique().tolist()  # all 10 logits, half the inputs
         [0, 10]
+        >>> s = split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 64, 64), align=16)
+        >>> int(s.masks["features.1.conv.2.weight"].sum())  # 16 channels: 8 at rate 0.5, aligned up to 16
+        16
+        >>> int(s.masks["features.2.conv.0.1.weight"].sum())  # 96 channels: 48, already a multiple of 16
+        48
     """
-    rate = check_rate(rate)
+    rate, align = check_rate(rate), check_align(align)
     method = str(method).lower()
     if method == "kels":
-        masks = _kels_masks(model, rate, example_inputs)
+        masks = _kels_masks(model, rate, example_inputs, align)
     elif method == "wels":
+        if align != 1:
+            raise KecompressError(f"align {align} applies to KELS splits: a WELS fit is sparse and has no channel "
+                                  "counts to align; drop align or use the KELS split")
         masks = _wels_masks(model, rate, seed)
     else:
         raise KecompressError(f"unknown split method {method!r}: use 'kels' or 'wels'")
-    return Split(method=method, rate=rate, seed=int(seed), masks=masks)
+    return Split(method=method, rate=rate, seed=int(seed), masks=masks, align=align)
 
 
 def _covered_parameters(model: nn.Module, method: str) -> list[str]:
@@ -298,7 +327,7 @@ def _check_splittable_layers(model: nn.Module) -> None:
                     "channels: use the WELS split for this model")
 
 
-def _kels_masks(model: nn.Module, rate: float, example_inputs) -> dict[str, torch.Tensor]:
+def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int) -> dict[str, torch.Tensor]:
     graph = trace_dependency_graph(model, example_inputs)
     name_of = {id(param): name for name, param in model.named_parameters()}
     masks = {}
@@ -309,7 +338,7 @@ def _kels_masks(model: nn.Module, rate: float, example_inputs) -> dict[str, torc
     for unwrapped in graph.unwrapped_parameters:
         masks[name_of[id(unwrapped.parameters)]] = torch.ones(unwrapped.parameters.shape, dtype=torch.bool)
 
-    for group, kept in kels_groups(graph, rate):
+    for group, kept in kels_groups(graph, rate, align):
         for item in group.items:
             reset = [idx for idx, root in zip(item.idxs, item.root_idxs) if root not in kept]
             if reset:
@@ -317,27 +346,79 @@ def _kels_masks(model: nn.Module, rate: float, example_inputs) -> dict[str, torc
     return masks
 
 
-def kels_groups(graph: tp.DependencyGraph, rate: float):
+def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1):
     """Yield ``(group, fit_root_channels)`` for every coupled channel group that KELS splits.
 
     ``group`` is a torch-pruning group with full indices; ``fit_root_channels`` is the set of
-    its root layer's channels in the fit. Groups that reach the model's output (the logits)
-    stay whole and are not yielded. The graph may be pruned between two steps of the
-    iteration, one group at a time, which is how :func:`kecompress.slice_fit` cuts each
-    coupled group exactly once.
+    its root layer's channels in the fit (:func:`fit_channels`). Groups that reach the model's
+    output (the logits) stay whole and are not yielded.
 
     Example:
         >>> graph = trace_dependency_graph(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
         >>> [sorted(kept) for _, kept in kels_groups(graph, 0.5)]
         [[0, 1, 2]]
+        >>> [sorted(kept) for _, kept in kels_groups(graph, 0.5, align=4)]
+        [[0, 1, 2, 3]]
     """
     output_layers = _output_layers(graph)
     for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
-        if any(item.dep.target.module in output_layers and graph.is_out_channel_pruning_fn(item.dep.handler)
-               for item in group.items):
+        if _reaches_output(graph, group, output_layers):
             continue
         channels = len(group.items[0].idxs)
-        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels))
+        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels), align)
+
+
+def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor]):
+    """Yield ``(group, fit_root_channels)`` for every coupled channel group whose masks reset some
+    of its channels, reading which from the masks of every layer in the group (the masks of
+    ``graph.model``'s parameters, by name, as a :class:`Split` holds them).
+
+    The masks may have been made any way (the rate rule, aligned, chosen by importance, edited
+    by hand) as long as they agree with the graph: a coupled channel is in the fit in every
+    layer that shares it, or in none. The graph must be uncut while the groups are read.
+
+    Raises:
+        KecompressError: masks that disagree about a coupled channel, a group that keeps none
+            of its channels or different counts in the groups of a grouped convolution, or
+            reset channels of the model's outputs; each names the layer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> masks = {name: torch.ones_like(param, dtype=torch.bool) for name, param in model.named_parameters()}
+        >>> masks["0.weight"][[1, 4]] = masks["0.bias"][[1, 4]] = masks["2.weight"][:, [1, 4]] = False
+        >>> [sorted(kept) for _, kept in groups_from_masks(trace_dependency_graph(model), masks)]
+        [[0, 2, 3, 5]]
+    """
+    name_of = {id(param): name for name, param in graph.model.named_parameters()}
+    output_layers = _output_layers(graph)
+    for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
+        channels = len(group.items[0].idxs)
+        kept = _fit_root_channels(graph, group, masks, name_of)
+        if len(kept) == channels:
+            continue
+        layer = _layer_name(graph, group.items[0].dep.target.module)
+        if _reaches_output(graph, group, output_layers):
+            raise KecompressError(f"the split resets output channels of layer '{layer}', which are the model's "
+                                  "outputs: they stay whole in a KELS fit; keep them in the fit")
+        if not kept:
+            raise KecompressError(f"the split resets every output channel of layer '{layer}' and the layers "
+                                  "coupled to it: a fit network needs at least one; keep one in the fit")
+        blocks = _channel_blocks(graph, group, channels)
+        counts = sorted({sum(1 for channel in kept if channel * blocks // channels == block) for block in range(blocks)})
+        if len(counts) > 1:
+            raise KecompressError(f"the split keeps {' or '.join(map(str, counts))} channels in the {blocks} groups "
+                                  f"of the grouped channels of layer '{layer}': a grouped convolution must keep "
+                                  "the same number in every group")
+        yield group, kept
+
+
+def _reaches_output(graph: tp.DependencyGraph, group, output_layers: set) -> bool:
+    return any(item.dep.target.module in output_layers and graph.is_out_channel_pruning_fn(item.dep.handler)
+               for item in group.items)
+
+
+def _layer_name(graph: tp.DependencyGraph, module) -> str:
+    return graph._module2name.get(module) or graph._param_to_name.get(module, "?")
 
 
 def _output_layers(graph: tp.DependencyGraph) -> set:
@@ -360,20 +441,26 @@ def _output_layers(graph: tp.DependencyGraph) -> set:
     return layers
 
 
-def fit_channels(channels: int, rate: float, blocks: int = 1) -> set[int]:
+def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1) -> set[int]:
     """The channels of a coupled group that belong to the fit hypothesis.
 
     The first ``ceil(rate * channels / blocks)`` channels of each of ``blocks`` equal blocks:
-    a grouped convolution must keep the same number of channels in every group.
+    a grouped convolution must keep the same number of channels in every group. With
+    ``align``, the count kept is rounded up so that the group keeps a multiple of ``align``
+    channels (at least ``align``, never more than it has). torch-pruning's ``round_to``
+    rounds down instead; up keeps at least the paper's fit.
 
     Example:
         >>> sorted(fit_channels(8, 0.5))
         [0, 1, 2, 3]
         >>> sorted(fit_channels(8, 0.5, blocks=2))
         [0, 1, 4, 5]
+        >>> len(fit_channels(24, 0.5, align=8)), len(fit_channels(24, 0.5, blocks=2, align=8))
+        (16, 16)
     """
     size = channels // blocks
-    keep = math.ceil(rate * size)
+    step = align // math.gcd(align, blocks)  # per block, so that the blocks together keep a multiple of align
+    keep = min(size, -(-math.ceil(rate * size) // step) * step)
     return {block * size + offset for block in range(blocks) for offset in range(keep)}
 
 
@@ -392,7 +479,7 @@ def _channel_blocks(graph: tp.DependencyGraph, group, channels: int) -> int:
     if channels % blocks:
         raise KecompressError(
             f"cannot split {channels} coupled channels into {blocks} equal groups (layer "
-            f"'{graph._module2name.get(group.items[0].dep.target.module, '?')}'): use the WELS split")
+            f"'{_layer_name(graph, group.items[0].dep.target.module)}'): use the WELS split")
     return blocks
 
 
@@ -448,3 +535,109 @@ def _mark_conv_channels(conv: nn.Module, weight_mask: torch.Tensor, idx: torch.T
     for channel in idx.tolist():
         group, position = divmod(channel, per_group)
         weight_mask[group * rows_per_group:(group + 1) * rows_per_group, position] = False
+
+
+def _fit_root_channels(graph, group, masks, name_of) -> set[int]:
+    """The group's root channels that every mask of the group keeps; refuses masks that disagree."""
+    # Every parameter that holds some of the group's channels votes on them: kept or reset.
+    votes = []  # (parameter name, side, own channel indices, root channel indices, kept)
+    for item in group.items:
+        side = "output" if graph.is_out_channel_pruning_fn(item.dep.handler) else "input"
+        for name, kept in _channels_in_fit(graph, masks, name_of, item.dep, item.idxs).items():
+            votes.append((name, side, list(item.idxs), list(item.root_idxs), kept.tolist()))
+    resets, keeps = {}, {}
+    for name, _, _, roots, kept in votes:
+        for root, in_fit in zip(roots, kept):
+            (keeps if in_fit else resets).setdefault(root, set()).add(name)
+    contested = sorted(set(resets) & set(keeps))
+    if contested:
+        first = contested[0]
+        odd_in_fit = len(keeps[first]) < len(resets[first])  # the fewer voters are the odd ones out
+        odd, others = (keeps, resets) if odd_in_fit else (resets, keeps)
+        name, side, own, roots, kept = next(vote for vote in votes if vote[0] in odd[first] and first in vote[3])
+        channels = [channel for channel, root, in_fit in zip(own, roots, kept)
+                    if root in contested and in_fit == odd_in_fit]
+        coupled = ", ".join(f"'{other}'" for other in sorted(others[first])[:3])
+        raise KecompressError(
+            f"the split's mask of '{name}' {'keeps' if odd_in_fit else 'resets'} its {side} channels "
+            f"{_channel_list(channels)}, which the dependency graph couples to {coupled}, whose masks "
+            f"{'reset' if odd_in_fit else 'keep'} them: a coupled channel is in the fit in every layer or in none; "
+            "edit the masks of all of them together")
+    channels = len(group.items[0].idxs)
+    return set(range(channels)) - set(resets)
+
+
+def _channel_list(channels: list[int]) -> str:
+    """``[3, 7]``, or the first eight and the count: an error message stays one readable line."""
+    shown = ", ".join(map(str, channels[:8]))
+    return f"[{shown}]" if len(channels) <= 8 else f"[{shown}, ... ({len(channels)} in all)]"
+
+
+def _channels_in_fit(graph, masks, name_of, dep, idxs) -> dict[str, torch.Tensor]:
+    """Whether the mask of each parameter of ``dep``'s layer keeps channels ``idxs`` of the layer:
+    what :func:`_mark_reset` writes, read back."""
+    module = dep.target.module
+    idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+    if isinstance(module, nn.Parameter):
+        name = name_of[id(module)]
+        return {name: _kept_along(masks[name], dep.target.pruning_dim)[idx]}
+    if not isinstance(module, SPLITTABLE_LAYERS):
+        return {}  # an operation without parameters (add, concat, reshape, ...)
+    weight = name_of[id(module.weight)] if getattr(module, "weight", None) is not None else None
+    bias = name_of[id(module.bias)] if getattr(module, "bias", None) is not None else None
+    is_output = graph.is_out_channel_pruning_fn(dep.handler)
+    if isinstance(module, (_CONV, nn.Linear)):
+        if isinstance(module, _CONV) and not _is_depthwise(module) and is_output == module.transposed:
+            kept = {weight: _kept_in_groups(masks[weight], module.groups)}  # see _mark_conv_channels
+        else:
+            kept = {weight: _kept_along(masks[weight], 1 if isinstance(module, nn.Linear) and not is_output else 0)}
+        if bias is not None and (is_output or _is_depthwise(module)):
+            kept[bias] = _kept_along(masks[bias], 0)
+    else:  # normalisation layers and PReLU, as in _mark_reset
+        kept = {name: _kept_along(masks[name], masks[name].dim() - 1 if isinstance(module, nn.LayerNorm) else 0)
+                for name in (weight, bias) if name is not None and masks[name].numel() > 1}
+    return {name: along[idx] for name, along in kept.items()}
+
+
+def _kept_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Which indices along ``dim`` the mask keeps any entry of."""
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(dim=1)
+
+
+def _kept_in_groups(weight_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """Which channels of a conv's grouped side (dim 1: the position inside the group) the mask keeps."""
+    rows = weight_mask.shape[0] // groups
+    return weight_mask.reshape(groups, rows, weight_mask.shape[1], -1).any(dim=3).any(dim=1).flatten()
+
+
+def kept_indices(mask: torch.Tensor) -> list[torch.Tensor] | None:
+    """Along each dimension of a mask, the indices it keeps; None unless the mask is exactly the
+    block they span (whole channels, as KELS keeps them).
+
+    Example:
+        >>> mask = torch.zeros(4, 3, dtype=torch.bool)
+        >>> mask[:2, [0, 2]] = True
+        >>> kept_indices(mask)
+        [tensor([0, 1]), tensor([0, 2])]
+        >>> mask[3, 1] = True
+        >>> kept_indices(mask) is None
+        True
+    """
+    indices = [_kept_along(mask, dim).nonzero().flatten() for dim in range(mask.dim())]
+    return indices if torch.equal(block_mask(mask.shape, indices), mask) else None
+
+
+def block_mask(shape, indices: list[torch.Tensor]) -> torch.Tensor:
+    """The bool mask of ``shape`` that keeps the block ``indices`` span (one index tensor a dimension).
+
+    Example:
+        >>> block_mask((2, 3), [torch.tensor([1]), torch.tensor([0, 2])]).int()
+        tensor([[0, 0, 0],
+                [1, 0, 1]], dtype=torch.int32)
+    """
+    block = torch.ones((), dtype=torch.bool)
+    for size, kept in zip(shape, indices):
+        along = torch.zeros(size, dtype=torch.bool)
+        along[kept] = True
+        block = block.unsqueeze(-1) & along
+    return block

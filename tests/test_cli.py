@@ -151,3 +151,38 @@ def test_bench_prints_json_per_batch_size(finished_run, capsys):
     assert [r["batch_size"] for r in result["results"]] == [1, 4]
     for row in result["results"]:
         assert row["macs_ratio"] > 2.5 and row["ort_speedup"] > 0 and row["torch_speedup"] > 0
+
+
+def test_evolve_with_align_keeps_multiples_and_records_it(tmp_path, capsys):
+    from kecompress import Split
+    from kecompress.rundir import load_fit
+    out = tmp_path / "run"
+    status, stdout, err = run(capsys, "evolve", "mobilenet_v3_small", "--align", "16", "--generations", "1",
+                              "--epochs", "1", "--batch-size", "64", "--out", out)
+    assert status == 0, err
+    banner = " ".join(stdout.split())  # rich wraps long lines
+    assert "KELS split at rate 0.5 aligned to 16 channels, fit " in banner and "(rate² 25.0%)" in banner
+    assert json.loads((out / "config.json").read_text())["align"] == 16
+    split = Split.load(out / "split.pt")
+    assert split.align == 16
+    for name, mask in split.masks.items():
+        if mask.dim() == 4:  # every conv keeps a multiple of 16 output channels, or all of them
+            kept = int(mask.flatten(1).any(dim=1).sum())
+            assert kept % 16 == 0 or kept == mask.shape[0], name
+    assert sum(p.numel() for p in load_fit(out / "fit.pt").parameters()) == split.fit_count()
+    status, _, err = run(capsys, "evolve", "mobilenet_v3_small", "--align", "8", "--generations", "1",
+                         "--epochs", "1", "--batch-size", "64", "--out", out, "--resume")
+    assert status == 2 and "differs in align" in err
+
+
+def test_bench_of_an_untrained_model_with_align_prints_the_split(capsys):
+    status, stdout, err = run(capsys, "bench", "mobilenet_v3_small", "--align", "16", "--input-size", "64",
+                              "--runtime", "torch", "--warmup", "0", "--runs", "1")
+    assert status == 0, err
+    assert "aligned to 16 channels" in " ".join(stdout.split())
+
+
+@pytest.mark.parametrize("command", [["evolve", "resnet18"], ["export", "resnet18", "--onnx"], ["bench", "resnet18"]])
+def test_align_zero_is_refused(command, capsys):
+    status, _, err = run(capsys, *command, "--align", "0")
+    assert status == 2 and "--align" in err and err.strip().count("\n") == 0

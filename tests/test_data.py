@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kecompress.augment import AUGMENTATIONS
 from kecompress.data import (class_labels, demo_datasets, image_folder_datasets, input_shape, load_datasets,
                              make_loaders, per_class_subset, stratified_split)
 from kecompress.errors import KecompressError
@@ -194,15 +195,37 @@ def test_class_with_one_image_cannot_be_split(tmp_path):
     assert "class lonely has only 1 image" in error(image_folder_datasets, tmp_path)
 
 
-def test_corrupt_image_is_named_when_read(tmp_path):
+def test_corrupt_image_is_named_when_decoded(tmp_path):
     write_images(tmp_path / "train")
     write_images(tmp_path / "val")
     broken = tmp_path / "train" / "bee" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    train, _, _ = image_folder_datasets(tmp_path, image_size=32)
+    message = error(image_folder_datasets, tmp_path, image_size=32)  # decoded once, when the data set is made
+    assert "cannot decode image" in message and "broken.jpg" in message
+    train, _, _ = image_folder_datasets(tmp_path, image_size=32, cache=False)  # or when read
     index = [path for path, _ in train.samples].index(str(broken))
     message = error(train.__getitem__, index)
     assert "cannot decode image" in message and "broken.jpg" in message
+
+
+def test_images_are_decoded_once_and_augmented_as_the_preset_says(tmp_path):
+    write_images(tmp_path / "train")
+    write_images(tmp_path / "val")
+    kept = {augment: image_folder_datasets(tmp_path, image_size=16, augment=augment) for augment in AUGMENTATIONS}
+    for augment, (train, val, _) in kept.items():
+        assert train.images is not None and train[0][0].shape == val[0][0].shape == (3, 16, 16)
+        torch.manual_seed(0)
+        first = train[0][0]
+        torch.manual_seed(0)
+        assert torch.equal(first, train[0][0])  # seeded: the same draw from the same seed
+        assert torch.equal(val[0][0], val[0][0])  # validation is not random
+        if augment != "none":
+            assert any(not torch.equal(train[0][0], train[0][0]) for _ in range(5))  # training is
+    uncached = image_folder_datasets(tmp_path, image_size=16, augment="pad-crop", cache=False)[0]
+    torch.manual_seed(1)
+    from_files = uncached[2][0]
+    torch.manual_seed(1)
+    assert torch.equal(from_files, kept["pad-crop"][0][2][0])  # the same images either way
 
 
 def test_bad_arguments():

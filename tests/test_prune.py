@@ -338,3 +338,23 @@ def test_remove_split_after_pruning_on_top_needs_keep_masked():
     kept_by_split = int(split.masks["0.weight"].sum())
     assert int((model[0].weight != 0).sum()) == kept_by_split - round(0.5 * kept_by_split)
     assert not model[0].weight[~split.masks["0.weight"]].any()
+
+
+def test_pytorchs_amount_the_fraction_pruned_works_as_with_pytorchs_own_methods():
+    layers = [nn.Linear(20, 20), nn.Linear(20, 20)]
+    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=WELS, amount=0.5, seed=3)
+    by_rate = [nn.Linear(20, 20), nn.Linear(20, 20)]
+    prune.global_unstructured([(m, "weight") for m in by_rate], pruning_method=WELS, rate=0.5, seed=3)
+    assert all(torch.equal(a.weight_mask, b.weight_mask) for a, b in zip(layers, by_rate))
+    conv = nn.Conv2d(10, 10, 3)
+    KELS.apply(conv, "weight", amount=0.7)  # keeps 3 of 10 channels, as rate=0.3 does
+    assert int(conv.weight_mask[:, 0, 0, 0].sum()) == 3 and int(conv.weight_mask[0, :, 0, 0].sum()) == 3
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"rate": 0.5, "amount": 0.5}, "not both"), ({}, "not neither"), ({"amount": 1.0}, r"in \[0, 1\)"),
+    ({"amount": 3}, "a count of entries is not supported")])
+def test_rate_and_amount_are_checked(arguments, message):
+    for method in (KELS, WELS):
+        with pytest.raises(KecompressError, match=message):
+            method(**arguments)

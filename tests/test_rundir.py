@@ -13,9 +13,9 @@ import kecompress
 from kecompress import GenerationRecord, RunConfig, TrainingConfig, experiment
 from kecompress.cli import main
 from kecompress.interrupt import RunInterrupted
-from kecompress.rundir import RunDirectory, load_fit, read_metrics
+from kecompress.rundir import RATE_RULE_FIT_FORMAT, RunDirectory, load_fit, read_metrics, save_fit
 
-from conftest import small_evolution
+from conftest import build, example_input, randomise_batchnorm, small_evolution
 
 LANDED = Path(__file__).parent / "data" / "landed"
 # The command that made data/landed/landed_cli_run, killed after its first generation (README there).
@@ -143,3 +143,39 @@ def test_a_records_json_keys_are_those_of_earlier_versions():
                               dense_parameters=10, fit_parameters=3, train_loss=0.2, seconds=1.5)
     landed = json.loads((LANDED / "landed_cli_run" / "metrics.json").read_text())["generations"][0]
     assert list(record.to_json()) == list(landed)
+
+
+def edited_resnet18_split():
+    """A KELS split of resnet18 whose layer1.0 keeps 40 of its 64 inner channels, chosen at random,
+    not the first 32 of the rate rule: conv1's outputs, bn1 and conv2's inputs edited together."""
+    model = randomise_batchnorm(build("resnet18")).eval()
+    s = kecompress.split(model, "kels", 0.5, example_inputs=example_input("resnet18"))
+    kept = torch.zeros(64, dtype=torch.bool)
+    kept[torch.randperm(64)[:40]] = True
+    s.masks["layer1.0.conv1.weight"][:, :32] = kept[:, None, None, None]
+    s.masks["layer1.0.bn1.weight"], s.masks["layer1.0.bn1.bias"] = kept.clone(), kept.clone()
+    s.masks["layer1.0.conv2.weight"][:32] = kept[None, :, None, None]
+    return model, s, kept
+
+
+def test_a_fit_saved_from_an_edited_split_reloads_identically(tmp_path):
+    model, s, kept = edited_resnet18_split()
+    x = example_input("resnet18", batch=2)
+    fit = kecompress.slice_fit(model, s, example_inputs=x[:1]).eval()
+    assert torch.equal(fit.layer1[0].conv1.weight, model.layer1[0].conv1.weight[kept, :32])
+    save_fit(tmp_path / "fit.pt", fit, RunConfig(model="resnet18", num_classes=10), s, (3, 64, 64))
+    loaded = load_fit(tmp_path / "fit.pt")
+    assert loaded.state_dict().keys() == fit.state_dict().keys()
+    assert all(torch.equal(value, fit.state_dict()[key]) for key, value in loaded.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fit(x))
+
+
+def test_a_fit_file_of_an_earlier_version_is_rebuilt_by_the_rate_rule(tmp_path):
+    model = build("resnet18").eval()
+    x = example_input("resnet18")
+    fit = kecompress.slice_fit(model, kecompress.split(model, "kels", 0.5, example_inputs=x), example_inputs=x)
+    torch.save({"format": RATE_RULE_FIT_FORMAT, "arch": "resnet18", "num_classes": 10, "method": "kels", "rate": 0.5,
+                "seed": 0, "input_shape": [3, 64, 64], "state_dict": fit.state_dict()}, tmp_path / "fit.pt")
+    loaded = load_fit(tmp_path / "fit.pt")
+    assert all(torch.equal(value, fit.state_dict()[key]) for key, value in loaded.state_dict().items())

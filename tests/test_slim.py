@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import kecompress
 from kecompress import KecompressError
+from kecompress.split import _channel_blocks, _mark_reset, kels_groups, trace_dependency_graph
 
 from conftest import MORE_ARCHS, REQUIRED_ARCHS, build, example_input, randomise_batchnorm
 
@@ -70,3 +71,98 @@ def test_layernorm_network_slices_but_differs_from_masking():
     assert fit[1].normalized_shape == (16,)
     with torch.no_grad():
         assert not torch.allclose(fit(x), zero_reset_hypothesis(model, s)(x), atol=1e-4)
+
+
+def kept_out_channels(mask):
+    return int(mask.movedim(0, 0).reshape(mask.shape[0], -1).any(dim=1).sum())
+
+
+@pytest.mark.parametrize("align", [8, 16])
+@pytest.mark.parametrize("name", REQUIRED_ARCHS)
+def test_an_aligned_split_keeps_multiples_and_slices_to_the_masked_network(name, align):
+    model = randomise_batchnorm(build(name)).eval()
+    x = example_input(name, batch=2)
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x[:1], align=align)
+    assert s.align == align
+    graph = trace_dependency_graph(model, x[:1])
+    for group, kept in kels_groups(graph, 0.5, align):
+        channels = len(group.items[0].idxs)
+        assert len(kept) % align == 0 or len(kept) == channels, group
+    # Layer by layer too: every conv's and linear layer's kept outputs (the logits keep all).
+    for layer_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            kept = kept_out_channels(s.masks[f"{layer_name}.weight"])
+            assert kept % align == 0 or kept == module.weight.shape[0], layer_name
+    assert s.fit_fraction() >= kecompress.split(model, "kels", 0.5, example_inputs=x[:1]).fit_fraction()
+    fit = kecompress.slice_fit(model, s, example_inputs=x[:1])
+    with torch.no_grad():
+        expected = zero_reset_hypothesis(model, s)(x)
+        got = fit(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert sum(p.numel() for p in fit.parameters()) == s.fit_count()
+
+
+def split_with_random_channels(model, example, seed=0):
+    """A KELS split whose fit channels in every coupled group are chosen at random (as an
+    importance criterion would), every layer of a group edited together."""
+    generator = torch.Generator().manual_seed(seed)
+    s = kecompress.split(model, "kels", 1.0, example_inputs=example)
+    graph = trace_dependency_graph(model, example)
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    for group, rule in kels_groups(graph, 0.5):
+        channels = len(group.items[0].idxs)
+        blocks = _channel_blocks(graph, group, channels)  # a grouped conv keeps the same offsets in every group
+        size = channels // blocks
+        offsets = torch.randperm(size, generator=generator)[:len(rule) // blocks].tolist()
+        kept = {block * size + offset for block in range(blocks) for offset in offsets}
+        for item in group.items:
+            reset = [idx for idx, root in zip(item.idxs, item.root_idxs) if root not in kept]
+            if reset:
+                _mark_reset(graph, s.masks, name_of, item.dep, reset)
+    return s
+
+
+@pytest.mark.parametrize("name", REQUIRED_ARCHS)
+def test_a_hand_edited_consistent_split_slices_to_exactly_its_channels(name):
+    model = randomise_batchnorm(build(name)).eval()
+    x = example_input(name, batch=2)
+    s = split_with_random_channels(model, x[:1])
+    rule = kecompress.split(model, "kels", 0.5, example_inputs=x[:1])
+    assert s.fit_count() == rule.fit_count()
+    assert any(not torch.equal(s.masks[key], rule.masks[key]) for key in s.masks)  # not the first channels
+    fit = kecompress.slice_fit(model, s, example_inputs=x[:1])
+    # Exactly the masked entries of every parameter, in order.
+    dense = dict(model.named_parameters())
+    for param_name, param in fit.named_parameters():
+        assert torch.equal(param, dense[param_name][s.masks[param_name]].view(param.shape)), param_name
+    with torch.no_grad():
+        expected = zero_reset_hypothesis(model, s)(x)
+        got = fit(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_mask_that_disagrees_with_its_coupled_layers_is_refused_naming_them():
+    model = build("resnet18")
+    x = example_input("resnet18")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x)
+    s.masks["conv1.weight"][3] = False  # a fit channel of conv1, left in bn1 and the next convs
+    with pytest.raises(KecompressError, match=r"mask of 'conv1.weight' resets its output channels \[3\].*'bn1.bias'"):
+        kecompress.slice_fit(model, s, example_inputs=x)
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x)
+    s.masks["layer2.0.conv1.weight"][:64, 40:48] = True  # reset input channels, kept in one layer only
+    with pytest.raises(KecompressError, match=r"'layer2.0.conv1.weight' keeps its input channels \[40, 41, 42, 43, 44, 45, 46, 47\]"):
+        kecompress.slice_fit(model, s, example_inputs=x)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["layer1.0.conv1.weight"][0, 0, 0].fill_(False), "'layer1.0.conv1.weight' does not keep whole channels"),
+    (lambda m: m["conv1.weight"][:, 0].fill_(False), "'conv1.weight' resets entries that slicing cannot cut"),
+    (lambda m: (m["fc.weight"][0].fill_(False), m["fc.bias"][0].fill_(False)), "output channels of layer 'fc'.*outputs"),
+])
+def test_masks_no_slim_network_computes_are_refused(edit, message):
+    model = build("resnet18")
+    x = example_input("resnet18")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x)
+    edit(s.masks)
+    with pytest.raises(KecompressError, match=message):
+        kecompress.slice_fit(model, s, example_inputs=x)

@@ -171,3 +171,31 @@ def test_split_round_trips_through_a_file(tmp_path):
 def test_fit_channels_blocks():
     assert fit_channels(5, 0.5) == {0, 1, 2}
     assert fit_channels(12, 0.25, blocks=3) == {0, 4, 8}
+
+
+def test_fit_channels_aligned():
+    assert fit_channels(24, 0.5, align=8) == set(range(16))  # 12 rounded up to 16
+    assert fit_channels(32, 0.5, align=16) == set(range(16))  # already a multiple
+    assert fit_channels(8, 0.25, align=16) == set(range(8))  # never more than the group has
+    assert fit_channels(48, 0.5, blocks=2, align=16) == set(range(16)) | set(range(24, 40))  # whole groups, 32 in all
+
+
+@pytest.mark.parametrize("align", [0, -8, 2.5, "8", True, None])
+def test_bad_align_is_refused(align):
+    with pytest.raises(KecompressError, match="align must be a whole number"):
+        kecompress.split(nn.Linear(2, 2), "kels", 0.5, example_inputs=torch.randn(1, 2), align=align)
+
+
+def test_align_with_wels_is_refused():
+    with pytest.raises(KecompressError, match="align 8 applies to KELS"):
+        kecompress.split(nn.Linear(2, 2), "wels", 0.5, align=8)
+
+
+def test_align_round_trips_and_old_split_files_read_as_one(tmp_path):
+    model = build("resnet18")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=example_input("resnet18"), align=16)
+    s.save(tmp_path / "split.pt")
+    assert Split.load(tmp_path / "split.pt").align == 16
+    old = s.to_dict()
+    del old["align"]  # as written before align existed
+    assert Split.from_dict(old).align == 1
