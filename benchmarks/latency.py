@@ -27,7 +27,7 @@ from rich.console import Console
 import kecompress
 from common import at_least, machine, machine_line, markdown_table, rich_table, run_script, write_report
 from kecompress.bench import LatencyResult, latency_cells, measure_latency
-from kecompress.export import export_pair
+from kecompress.export import DEFAULT_EXPORTER, LOWEST_OPSET, export_pair
 from kecompress.models import build_model
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "mobilenet_v3_small", "efficientnet_b0",
@@ -92,7 +92,8 @@ def write_markdown(path: Path, results: dict, timings: list[dict], args, command
         "",
         f"Randomly initialised torchvision models (1000 classes), KELS split rate {RATE}, batch 1, "
         f"{INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}, {args.warmup} warm-up and {args.runs} timed runs of each network, "
-        "dense and fit interleaved. ORT: onnxruntime CPUExecutionProvider, opset 17, all graph "
+        f"dense and fit interleaved. ORT: torch's {DEFAULT_EXPORTER} ONNX exporter, opset {LOWEST_OPSET[DEFAULT_EXPORTER]}, "
+        "onnxruntime CPUExecutionProvider, all graph "
         "optimisations, the stated intra-op threads, one inter-op thread. torch: eager, `inference_mode`, "
         "`torch.set_num_threads` as stated. Latency in ms, median / 90th percentile. Efficiency is speedup / "
         "MAC ratio: 1.00 means the fit is as much faster as its MACs are fewer. The target is on the ORT "

@@ -5,6 +5,10 @@ at most that much faster. Latency is measured like a benchmark, not a test: a fi
 count, warm-up runs, many timed runs, the median and the 90th percentile, dense and fit in the
 same process and interleaved (dense, fit, dense, fit, ...) so that machine drift hits both.
 
+With INT8 (:mod:`kecompress.quantize`), onnxruntime also times the static INT8 dense and fit
+networks, interleaved with the fp32 ones; INT8 speed depends on the CPU's integer instructions
+(AVX2, AVX-512, VNNI), so the machine's description lists them (:func:`cpu_instruction_sets`).
+
 Only a KELS fit is worth timing: a WELS fit is the dense network with zeros in it, and dense
 runtimes (onnxruntime, PyTorch) multiply zeros as fast as any other number, at dense speed.
 """
@@ -25,10 +29,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from rich.table import Table
+from torch.utils.data import Dataset
 
 from .errors import KecompressError
 from .evaluation import eval_mode
-from .export import INPUT_NAME, example_input, export_onnx, onnx_session
+from .export import DEFAULT_EXPORTER, INPUT_NAME, check_exporter, example_input, export_onnx, onnx_session
+from .quantize import CALIBRATION_IMAGES, calibration_subset, quantize_int8
 
 RUNTIMES = ("onnxruntime", "torch")
 # onnxruntime's idle intra-op threads keep spinning for tens of milliseconds after a run; with
@@ -37,6 +43,9 @@ RUNTIMES = ("onnxruntime", "torch")
 # run keeps the spin inside runs, where it speeds them up.
 _TIMING_CONFIG = {"session.force_spinning_stop": "1"}
 _PREFIX = {"onnxruntime": "ort", "torch": "torch"}  # of the runtimes' keys in JSON
+# The /proc/cpuinfo flags that decide how fast onnxruntime's INT8 kernels run, and their names.
+_INT8_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
+               "amx_int8": "AMX-INT8"}
 
 
 def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int, int]:
@@ -63,7 +72,22 @@ def count_macs_params(model: nn.Module, input_shape=(3, 224, 224)) -> tuple[int,
 
 
 @dataclass(frozen=True)
-class RuntimeLatency:
+class _DenseFitLatency:
+    """The median and 90th percentile latency of a dense and a fit network, in milliseconds."""
+
+    dense_median_ms: float
+    dense_p90_ms: float
+    fit_median_ms: float
+    fit_p90_ms: float
+
+
+def _medians_and_p90s(dense_ms: list[float], fit_ms: list[float]) -> tuple[float, float, float, float]:
+    return (float(np.median(dense_ms)), float(np.percentile(dense_ms, 90)), float(np.median(fit_ms)),
+            float(np.percentile(fit_ms, 90)))
+
+
+@dataclass(frozen=True)
+class RuntimeLatency(_DenseFitLatency):
     """Latency of the dense and the fit network in one runtime, in milliseconds.
 
     Example:
@@ -71,24 +95,46 @@ class RuntimeLatency:
         0.9444444444444444
     """
 
-    dense_median_ms: float
-    dense_p90_ms: float
-    fit_median_ms: float
-    fit_p90_ms: float
     speedup: float  # dense median / fit median
     efficiency: float  # speedup / MAC ratio: 1 means the fit gains all that its MACs promise
 
     @classmethod
     def measured(cls, dense_ms: list[float], fit_ms: list[float], macs_ratio: float) -> "RuntimeLatency":
         """The medians, 90th percentiles, speedup and efficiency of timed runs."""
-        speedup = float(np.median(dense_ms) / np.median(fit_ms))
-        return cls(float(np.median(dense_ms)), float(np.percentile(dense_ms, 90)), float(np.median(fit_ms)),
-                   float(np.percentile(fit_ms, 90)), speedup, speedup / macs_ratio)
+        times = _medians_and_p90s(dense_ms, fit_ms)
+        speedup = times[0] / times[2]
+        return cls(*times, speedup, speedup / macs_ratio)
+
+
+@dataclass(frozen=True)
+class Int8Latency(_DenseFitLatency):
+    """Latency of the static INT8 dense and fit networks in onnxruntime, in milliseconds.
+
+    Example:
+        >>> Int8Latency.measured([4.0, 5.0], [1.0, 1.5], fp32_dense_median_ms=8.0).speedup
+        6.4
+    """
+
+    speedup: float  # fp32 dense median / INT8 fit median: what deploying the INT8 fit gains
+    dense_speedup: float  # fp32 dense median / INT8 dense median: what INT8 alone gains
+
+    @classmethod
+    def measured(cls, dense_ms: list[float], fit_ms: list[float], fp32_dense_median_ms: float) -> "Int8Latency":
+        """The medians, 90th percentiles and speedups of timed runs."""
+        times = _medians_and_p90s(dense_ms, fit_ms)
+        return cls(*times, fp32_dense_median_ms / times[2], fp32_dense_median_ms / times[0])
+
+    def to_json(self) -> dict:
+        """``int8_ort_speedup`` beside the fp32 ``ort_speedup``, the rest prefixed ``ort_int8_``."""
+        return {"int8_ort_speedup": self.speedup, "int8_ort_dense_speedup": self.dense_speedup,
+                **{f"ort_int8_{item.name}": getattr(self, item.name) for item in fields(self)
+                   if item.name.endswith("_ms")}}
 
 
 @dataclass(frozen=True)
 class BatchLatency:
-    """The latencies at one batch size: per runtime, None when it was not timed.
+    """The latencies at one batch size: per runtime, None when it was not timed; ``int8`` when
+    the INT8 networks were timed too.
 
     Example:
         >>> row = BatchLatency(1, 4.0, onnxruntime=None, torch=RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0))
@@ -100,18 +146,22 @@ class BatchLatency:
     macs_ratio: float
     onnxruntime: RuntimeLatency | None
     torch: RuntimeLatency | None
+    int8: Int8Latency | None = None
 
     def runtime(self, name: str) -> RuntimeLatency | None:
         """The latencies of runtime ``name`` (``"onnxruntime"`` or ``"torch"``)."""
         return getattr(self, name)
 
     def to_json(self) -> dict:
-        """The row as earlier versions wrote it: each runtime's fields prefixed ``ort_`` or ``torch_``."""
+        """The row as earlier versions wrote it: each runtime's fields prefixed ``ort_`` or ``torch_``;
+        then, when timed, the INT8 fields (:meth:`Int8Latency.to_json`)."""
         row = {"batch_size": self.batch_size, "macs_ratio": self.macs_ratio}
         for runtime in RUNTIMES:
             latency = self.runtime(runtime)
             row.update({f"{_PREFIX[runtime]}_{item.name}": getattr(latency, item.name) if latency else None
                         for item in fields(RuntimeLatency)})
+        if self.int8:
+            row.update(self.int8.to_json())
         return row
 
 
@@ -150,16 +200,20 @@ class LatencyResult:
 
 
 def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224), batch_sizes=(1,),
-                    runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50) -> LatencyResult:
+                    runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50,
+                    exporter: str = DEFAULT_EXPORTER, int8_calibration: Dataset | None = None,
+                    calibration_images: int = CALIBRATION_IMAGES) -> LatencyResult:
     """Time the dense and the fit network on the CPU, interleaved, in each runtime.
 
-    For onnxruntime both networks are exported (static shapes, opset 17) to a temporary
+    For onnxruntime both networks are exported (static shapes, the exporter's default opset) to a temporary
     directory and run with ``threads`` intra-op threads, one inter-op thread, all graph
     optimisations, and the intra-op threads told to stop spinning at the end of each run (so
     that the idle session's threads do not steal the cores of the running one). For PyTorch
     they run eagerly in eval mode under ``torch.inference_mode`` with
     ``torch.set_num_threads(threads)``; the previous thread count and the models' train/eval
-    modes are restored afterwards.
+    modes are restored afterwards. With ``int8_calibration``, onnxruntime also times the static
+    INT8 dense and fit networks (:func:`kecompress.quantize.quantize_int8`, calibrated on a seeded
+    sample of ``calibration_images`` of it), all four interleaved.
 
     Args:
         dense: the dense network.
@@ -170,15 +224,20 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         threads: CPU threads each runtime may use.
         warmup: untimed runs of each network before timing.
         runs: timed runs of each network.
+        exporter: the ONNX exporter, ``"dynamo"`` or ``"torchscript"``.
+        int8_calibration: training images to calibrate INT8 networks on, or None for no INT8.
+        calibration_images: the most of them to calibrate on.
 
     Returns:
         A :class:`LatencyResult`: the machine (processor, cpu count, versions, threads), the
         settings, the cost of each network, the MAC ratio, and per batch size the medians, 90th
-        percentiles, speedup and efficiency of each runtime timed (None for the others).
+        percentiles, speedup and efficiency of each runtime timed (None for the others), and the
+        INT8 latencies when asked for.
         ``to_json()`` gives it as ``kecompress bench --json`` prints it.
 
     Raises:
-        KecompressError: an unknown runtime, a non-positive count, or models not on the CPU.
+        KecompressError: an unknown runtime or exporter, a non-positive count, models not on the
+            CPU, or INT8 without onnxruntime.
 
     Example:
         >>> import torchvision, kecompress
@@ -190,6 +249,12 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         (True, True)
     """
     runtimes = _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs)
+    exporter = check_exporter(exporter)
+    if int8_calibration is not None:
+        if "onnxruntime" not in runtimes:
+            raise KecompressError("INT8 networks are timed in onnxruntime: add it to the runtimes "
+                                  "(--runtime onnxruntime)")
+        int8_calibration = calibration_subset(int8_calibration, calibration_images)
     dense_cost = NetworkCost(*count_macs_params(dense, input_shape))
     fit_cost = NetworkCost(*count_macs_params(fit, input_shape))
     macs_ratio = dense_cost.macs / fit_cost.macs
@@ -197,37 +262,76 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
     for batch_size in batch_sizes:
         sample = example_input(dense, input_shape, batch_size)
         sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))
-        timers = {"onnxruntime": _time_onnxruntime, "torch": _time_torch}
-        latencies = {runtime: RuntimeLatency.measured(*timers[runtime](dense, fit, sample, threads, warmup, runs),
-                                                      macs_ratio=macs_ratio) if runtime in runtimes else None
-                     for runtime in RUNTIMES}
-        results.append(BatchLatency(int(batch_size), macs_ratio, **latencies))
+        onnxruntime = in_torch = int8 = None
+        if "onnxruntime" in runtimes:
+            times = _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration)
+            onnxruntime = RuntimeLatency.measured(times[0], times[1], macs_ratio)
+            if int8_calibration is not None:
+                int8 = Int8Latency.measured(times[2], times[3], onnxruntime.dense_median_ms)
+        if "torch" in runtimes:
+            in_torch = RuntimeLatency.measured(*_time_torch(dense, fit, sample, threads, warmup, runs), macs_ratio)
+        results.append(BatchLatency(int(batch_size), macs_ratio, onnxruntime, in_torch, int8))
     settings = {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
-                "runtimes": list(runtimes)}
+                "runtimes": list(runtimes), "exporter": exporter,
+                "int8_calibration_images": len(int8_calibration) if int8_calibration is not None else None}
     return LatencyResult(machine_description(threads), settings, dense_cost, fit_cost, macs_ratio, results)
 
 
 def machine_description(threads: int | None = None) -> dict:
-    """What a latency figure was measured on: processor, cores, library versions.
+    """What a latency figure was measured on: processor, cores, integer instruction sets, library versions.
 
     Example:
         >>> machine_description(2)["threads"]
         2
     """
     return {"processor": _processor_name(), "machine": platform.machine(), "system": platform.system(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "threads": threads}
+            "cpu_count": os.cpu_count(), "cpu_flags": cpu_instruction_sets(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": threads}
+
+
+def cpu_instruction_sets() -> list[str]:
+    """The instruction sets of this CPU that onnxruntime's INT8 kernels use (from /proc/cpuinfo;
+    empty where it cannot be read): AVX2, AVX-512, and VNNI (AVX512-VNNI or AVX-VNNI), which does
+    an 8-bit multiply-accumulate in one instruction.
+
+    Example:
+        >>> set(cpu_instruction_sets()) <= {"AVX2", "AVX-512", "AVX512-VNNI", "AVX-VNNI", "AMX-INT8"}
+        True
+    """
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [name for flag, name in _INT8_FLAGS.items() if flag in flags]
+
+
+def describe_cpu_flags(flags: list[str]) -> str:
+    """A line saying which INT8-relevant instruction sets the CPU has, and which it lacks.
+
+    Example:
+        >>> describe_cpu_flags(["AVX2"])
+        'CPU: AVX2; no AVX-512, no VNNI'
+    """
+    missing = [name for name, present in (("AVX-512", "AVX-512" in flags),
+                                          ("VNNI", any(flag.endswith("VNNI") for flag in flags))) if not present]
+    return "CPU: " + ", ".join(flags or ["no AVX2"]) + ("; no " + ", no ".join(missing) if missing else "")
 
 
 def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -> Table:
-    """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size.
+    """A ``rich`` table of :func:`measure_latency`'s result: one row per batch size, and below each
+    an INT8 row when the INT8 networks were timed (its speedup: fp32 dense over INT8 fit).
 
     Example:
         >>> row = BatchLatency(1, 4.0, RuntimeLatency(8.0, 9.0, 2.0, 2.5, 4.0, 1.0), torch=None)
         >>> latency_table(LatencyResult({}, {}, NetworkCost(40, 10), NetworkCost(10, 3), 4.0, [row])).row_count
         1
     """
-    table = Table(title=title, caption="latency: median / 90th percentile ms; efficiency: speedup / MAC ratio")
+    int8 = any(row.int8 for row in result.results)
+    caption = "latency: median / 90th percentile ms; efficiency: speedup / MAC ratio"
+    if int8:
+        caption += "; INT8 rows' speedup: fp32 dense / INT8 fit; " + describe_cpu_flags(result.machine.get("cpu_flags", []))
+    table = Table(title=title, caption=caption)
     table.add_column("batch", justify="right")
     table.add_column("MAC ratio", justify="right")
     for name in ("ORT", "torch"):
@@ -239,6 +343,10 @@ def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -
             latency = row.runtime(runtime)
             cells += latency_cells(latency) + [f"{latency.efficiency:.2f}"] if latency else ["-"] * 4
         table.add_row(*cells)
+        if row.int8:
+            table.add_row(f"{row.batch_size} INT8", "", f"{row.int8.dense_median_ms:.2f} / {row.int8.dense_p90_ms:.2f}",
+                          f"{row.int8.fit_median_ms:.2f} / {row.int8.fit_p90_ms:.2f}", f"{row.int8.speedup:.2f}x",
+                          *["-"] * 5)
     return table
 
 
@@ -253,36 +361,38 @@ def latency_cells(latency: RuntimeLatency) -> list[str]:
             f"{latency.fit_median_ms:.2f} / {latency.fit_p90_ms:.2f}", f"{latency.speedup:.2f}x"]
 
 
-def _time_interleaved(run_dense, run_fit, warmup: int, runs: int) -> tuple[list[float], list[float]]:
-    """Milliseconds of each timed run of the two callables, alternating between them."""
+def _time_interleaved(callables, warmup: int, runs: int) -> list[list[float]]:
+    """Milliseconds of each timed run of each callable, taking turns (dense, fit, dense, fit, ...)."""
     for _ in range(warmup):
-        run_dense()
-        run_fit()
-    dense_ms, fit_ms = [], []
+        for run in callables:
+            run()
+    times = [[] for _ in callables]
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection in the middle of one run would be timed as that run's
     try:
         for _ in range(runs):
-            for run, times in ((run_dense, dense_ms), (run_fit, fit_ms)):
+            for run, milliseconds in zip(callables, times):
                 start = time.perf_counter()
                 run()
-                times.append((time.perf_counter() - start) * 1e3)
+                milliseconds.append((time.perf_counter() - start) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return dense_ms, fit_ms
+    return times
 
 
-def _time_onnxruntime(dense, fit, sample, threads, warmup, runs):
+def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration):
+    """The times of dense and fit, then of INT8 dense and fit when there are calibration images."""
     feed = {INPUT_NAME: sample.cpu().numpy()}
-    sessions = []
+    paths = []
     with tempfile.TemporaryDirectory() as directory:
         for name, model in (("dense", dense), ("fit", fit)):
-            path = export_onnx(model, Path(directory) / f"{name}.onnx", tuple(sample.shape[1:]), sample.shape[0])
-            sessions.append(onnx_session(path, threads=threads, config=_TIMING_CONFIG))
-    dense_session, fit_session = sessions
-    return _time_interleaved(lambda: dense_session.run(None, feed), lambda: fit_session.run(None, feed),
-                             warmup, runs)
+            paths.append(export_onnx(model, Path(directory) / f"{name}.onnx", tuple(sample.shape[1:]),
+                                     sample.shape[0], exporter=exporter))
+        if int8_calibration is not None:
+            paths += [quantize_int8(path, path.with_suffix(".int8.onnx"), int8_calibration) for path in paths[:2]]
+        sessions = [onnx_session(path, threads=threads, config=_TIMING_CONFIG) for path in paths]
+    return _time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs)
 
 
 def _time_torch(dense, fit, sample, threads, warmup, runs):
@@ -290,7 +400,7 @@ def _time_torch(dense, fit, sample, threads, warmup, runs):
     torch.set_num_threads(threads)
     try:
         with eval_mode(dense), eval_mode(fit), torch.inference_mode():
-            return _time_interleaved(lambda: dense(sample), lambda: fit(sample), warmup, runs)
+            return _time_interleaved([lambda: dense(sample), lambda: fit(sample)], warmup, runs)
     finally:
         torch.set_num_threads(previous_threads)
 

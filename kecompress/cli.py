@@ -12,6 +12,7 @@ import shlex
 import sys
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,19 +22,22 @@ from rich.console import Console
 from . import __version__, distributed, experiment
 from .acceleration import PRECISIONS, MixedPrecision, check_compile
 from .augment import AUGMENTATIONS, CROP_SCALE, SMALL_IMAGES, check_augmentation, default_augmentation
-from .bench import RUNTIMES, latency_table, measure_latency
+from .bench import RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
-from .data import FOLDER_IMAGE_SIZE
+from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
-from .export import MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, export_table
+from .export import DEFAULT_EXPORTER, EXPORTERS, LOWEST_OPSET, MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, \
+    export_table
+from .files import staged_directory
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
 from .info import info_view, split_info
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
+from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, calibration_subset, quantize_pair
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
@@ -318,21 +322,45 @@ def _model_options(command):
     return command
 
 
+def _export_options(command):
+    """The options of how the networks are exported and quantised, shared by ``export`` and ``bench``."""
+    for option in reversed([
+        click.option("--exporter", type=click.Choice(EXPORTERS), default=DEFAULT_EXPORTER,
+                     help="torch's ONNX exporter: dynamo (torch's recommended one), or the deprecated TorchScript one"),
+        click.option("--int8", is_flag=True,
+                     help="also static INT8 networks (onnxruntime, QDQ, per-channel), calibrated on training images"),
+        click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
+                     help="ImageFolder directory of INT8 calibration images [default: a run's own training data, "
+                          "else the bundled digits]"),
+        click.option("--calibration-images", type=POSITIVE, default=CALIBRATION_IMAGES,
+                     help="the most images INT8 is calibrated on (a seeded sample)"),
+    ]):
+        command = option(command)
+    return command
+
+
 @app.command()
 @click.argument("source")
 @click.option("--onnx", "onnx_format", is_flag=True, help="write ONNX files (the one format for now)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="directory for dense.onnx and fit.onnx [default: RUN_DIR/onnx, or ./onnx]")
-@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=MIN_OPSET, help="ONNX opset")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
+              help=f"ONNX opset [default: {LOWEST_OPSET['dynamo']} (dynamo), {LOWEST_OPSET['torchscript']} (torchscript)]")
 @click.option("--batch-size", type=POSITIVE, default=1, help="batch size of the exported graph")
 @click.option("--dynamic-batch", is_flag=True, help="leave the batch dimension free")
-@click.option("--force", is_flag=True, help="replace dense.onnx and fit.onnx already in --out")
+@click.option("--force", is_flag=True, help="replace files of the same names already in --out")
+@_export_options
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=MAX_ACCURACY_DROP,
+              help="--int8 of a run: refuse when the INT8 fit loses more top-1 accuracy (points) on the run's "
+                   "validation data")
 @_model_options
-def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, split_method, rate, align,
-           num_classes, image_size, trust_model_file):
+def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
+           calibration_images, max_accuracy_drop, split_method, rate, align, num_classes, image_size,
+           trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
+    With --int8 also dense.int8.onnx and fit.int8.onnx; of a run, the INT8 fit's accuracy is checked first.
     """
     _refuse_torchrun("export")
     if not onnx_format:
@@ -340,15 +368,50 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
     out = out or (RunDirectory(source).onnx_dir if RunDirectory(source).is_run() else Path(RunDirectory.ONNX))
     if out.exists() and not out.is_dir():
         raise KecompressError(f"--out {out} is a file: pass a directory path")
-    existing = [name for name in PAIR_FILES if (out / name).exists()]
+    existing = [name for name in PAIR_FILES + (INT8_PAIR_FILES if int8 else ()) if (out / name).exists()]
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")
     dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
                                                         trust_model_file)
     console.print(describe_split(the_split))
-    rows = export_pair(dense, fit, out, input_shape, batch_size, opset, dynamic_batch)
+    calibration, validation = _int8_data(source, calibration_data, input_shape) if int8 else (None, None)
+    with staged_directory(out) as staging:  # every file appears only once all are written and checked
+        rows = export_pair(dense, fit, staging, input_shape, batch_size, opset, dynamic_batch, exporter=exporter)
+        quantized = quantize_pair(staging, calibration_subset(calibration, calibration_images), validation,
+                                  max_accuracy_drop) if int8 else None
+    for row in rows:
+        row["path"] = str(out / Path(row["path"]).name)
     console.print(export_table(rows))
+    if quantized:
+        files = ", ".join(f"{out / path.name} ({(out / path.name).stat().st_size / 2**20:.1f} MiB)"
+                          for path in quantized.paths)
+        accuracy = (f"fit top-1 on {len(validation)} validation images: fp32 {quantized.fit_fp32_accuracy:.2%}, "
+                    f"INT8 {quantized.fit_int8_accuracy:.2%}" if validation is not None
+                    else "no validation data: INT8 accuracy not checked (export a run directory to check it)")
+        console.print(f"INT8 (QDQ, per-channel, calibrated on {min(calibration_images, len(calibration))} images): "
+                      f"{files}; {accuracy}; {describe_cpu_flags(cpu_instruction_sets())}")
+
+
+def _int8_data(source: str, calibration_data: Path | None, input_shape):
+    """INT8 calibration images and, for a run, its validation set: from --calibration-data, else the
+    run's own training data, else the bundled digits (with a warning)."""
+    size = input_shape[-1]
+    run_dir = RunDirectory(source)
+    calibration = validation = None
+    if run_dir.is_run():
+        train, validation, _ = experiment.load_data(replace(run_dir.read_config(), image_size=size))
+        calibration = without_augmentation(train, validation)
+    if calibration_data is not None:
+        if not calibration_data.is_dir():
+            raise KecompressError(f"--calibration-data {calibration_data} is not a directory: pass an ImageFolder, "
+                                  "one subdirectory of images per class")
+        calibration = without_augmentation(*image_folder_datasets(calibration_data, size)[:2])
+    if calibration is None:
+        print("kecompress: warning: no --calibration-data: INT8 is calibrated on the bundled digits, "
+              "unlike the network's own inputs", file=sys.stderr)
+        calibration = demo_datasets(size)[0]
+    return calibration, validation
 
 
 @app.command()
@@ -361,18 +424,22 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, sp
 @click.option("--warmup", type=click.IntRange(0), default=10, help="untimed runs of each network first")
 @click.option("--runs", type=POSITIVE, default=50, help="timed runs of each network")
 @click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
+@_export_options
 @_model_options
-def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, split_method, rate, align, num_classes,
-          image_size, trust_model_file):
+def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporter, int8, calibration_data,
+          calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
     SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
-    Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency.
+    Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency; with --int8
+    also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
     """
     _refuse_torchrun("bench")
     dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
                                                         trust_model_file)
-    result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs)
+    calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
+    result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
+                             int8_calibration=calibration, calibration_images=calibration_images)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

@@ -226,6 +226,32 @@ def load_rgb_image(path: str) -> Image.Image:
                               "remove or replace the file") from None
 
 
+def without_augmentation(train: Dataset, val: Dataset) -> Dataset:
+    """The training images of :func:`load_datasets` read as its validation images are (resized and
+    centre-cropped, no random crop or flip): what calibrating an INT8 network needs, since it
+    must see images as inference will. The bundled demo has no augmentation and is returned as is.
+
+    Example:
+        >>> import tempfile, os
+        >>> root = tempfile.mkdtemp()
+        >>> for name in ["cat", "dog"]:
+        ...     os.makedirs(os.path.join(root, name))
+        ...     for i in range(3):
+        ...         Image.new("RGB", (40, 30)).save(os.path.join(root, name, f"{i}.png"))
+        >>> train, val, _ = image_folder_datasets(root, image_size=32)
+        >>> calibration = without_augmentation(train, val)
+        >>> len(calibration), calibration.dataset.transform is val.dataset.transform
+        (4, True)
+    """
+    if isinstance(train, Subset) and isinstance(val, Subset):
+        return Subset(without_augmentation(train.dataset, val.dataset), train.indices)
+    if hasattr(train, "transform") and hasattr(val, "transform"):  # an image folder, whatever its class
+        unaugmented = copy.copy(train)
+        unaugmented.transform = val.transform
+        return unaugmented
+    return train
+
+
 def stratified_split(labels: list[int], val_fraction: float, seed: int,
                      class_names: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Indices of a seeded train/validation split holding out ``val_fraction`` of every class.

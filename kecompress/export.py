@@ -1,13 +1,20 @@
 """ONNX export of a network (dense or slim fit), checked against PyTorch in onnxruntime.
 
-The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``),
-chosen over the dynamo exporter that torch 2.14 makes the default, after trying both on the
-eight torchvision models of docs/benchmarks.md, dense and fit. Both export all of them
-correctly and their graphs run equally fast in onnxruntime (within 2% where timed), but the
-dynamo exporter implements opset 18 and newer only (asked for 17 it silently writes 18: its
-down-conversion fails on ``ReduceMean``), and it is mostly slower to export (DenseNet121:
-7.6 s against 0.7 s, ResNet18: 3.2 s against 1.7 s). torch marks the TorchScript exporter
-deprecated; should it go, the dynamo exporter with opset 18 is the replacement.
+Two exporters: torch's dynamo-based one (``torch.onnx.export(..., dynamo=True)``, the one torch
+recommends and the default here) and the TorchScript-based one (``dynamo=False``, deprecated in
+torch), kept behind ``exporter="torchscript"``. Measured on resnet18, mobilenet_v2 and
+efficientnet_b0, dense and KELS fit (224 px, onnxruntime 1 thread, batch 1, 50 interleaved runs;
+the table is in docs/cli.md): both export all of them and match PyTorch to 2e-6 of the output's
+scale, and the dynamo graphs run as fast or a little faster (resnet18 fit 11.25 against 12.44 ms,
+efficientnet_b0 dense 17.97 against 19.59 ms, the rest within 3%); they hold fewer nodes but take
+1.4-8x longer to export. The dynamo exporter implements opset 18 and newer only (asked for 17 it
+silently writes 18), so its default opset is 18.
+
+The dynamo exporter writes global average pooling as ``ReduceMean`` over height and width, which
+onnxruntime's INT8 (QDQ) kernels do not cover: the INT8 efficientnet_b0 ran 16-19% slower from
+dynamo graphs than from TorchScript ones (fit 6.39 against 5.52 ms, dense 11.54 against 9.66 ms).
+So those nodes are rewritten as the equivalent ``GlobalAveragePool``, after which the INT8 fit runs
+as fast as TorchScript's (5.91 against 5.86 ms; fp32 6.33 against 6.32 ms).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import torch
 import torch.nn as nn
@@ -27,14 +35,17 @@ from .errors import KecompressError
 from .evaluation import eval_mode
 from .files import atomic_path
 
-MIN_OPSET = 17
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+LOWEST_OPSET = {"dynamo": 18, "torchscript": 17}  # each exporter's lowest, also its default
+MIN_OPSET = min(LOWEST_OPSET.values())
 MAX_OPSET = 20  # the newest the TorchScript exporter implements
 PAIR_FILES = ("dense.onnx", "fit.onnx")  # what export_pair writes
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), batch_size: int = 1,
-                opset: int = MIN_OPSET, dynamic_batch: bool = False) -> Path:
+                opset: int | None = None, dynamic_batch: bool = False, exporter: str = DEFAULT_EXPORTER) -> Path:
     """Export ``model`` in eval mode to an ONNX file, atomically, and check the file.
 
     The file is written to a temporary name in the same directory and moved into place only
@@ -46,14 +57,17 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), b
         path: where to write the ``.onnx`` file; missing parent directories are created.
         input_shape: the shape of one input sample, without the batch dimension.
         batch_size: the batch size the graph is traced with (and fixed to, unless ``dynamic_batch``).
-        opset: ONNX operator set, 17 to 20.
+        opset: ONNX operator set, up to 20, from 18 for the dynamo exporter and 17 for TorchScript;
+            None: the exporter's lowest.
         dynamic_batch: leave the batch dimension of input and output free.
+        exporter: ``"dynamo"`` or ``"torchscript"`` (see the module's docstring).
 
     Returns:
         The path of the written file. Its input is named ``"input"``, its output ``"output"``.
 
     Raises:
-        KecompressError: an opset outside 17..20, a bad shape, or a model the exporter cannot handle.
+        KecompressError: an unknown exporter, an opset outside its range, a bad shape, or a model the
+            exporter cannot handle.
 
     Example:
         >>> import tempfile, os, torchvision
@@ -62,13 +76,14 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), b
         >>> path.name
         'resnet18.onnx'
     """
-    opset = _check_opset(opset)
+    exporter = check_exporter(exporter)
+    opset = _check_opset(opset, exporter)
     example = example_input(model, input_shape, batch_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(path) as temp:  # the file appears only once the checker accepts it
-            _export(model, example, temp, opset, dynamic_batch)
+            _export(model, example, temp, opset, dynamic_batch, exporter)
             onnx.checker.check_model(str(temp))
     except KecompressError:
         raise
@@ -79,14 +94,65 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape=(3, 224, 224), b
     return path
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+            exporter: str) -> None:
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     with eval_mode(model), warnings.catch_warnings():
-        # The TorchScript exporter is chosen on purpose (see the module docstring); its
-        # deprecation notice would only alarm users.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+        if exporter == "dynamo":
+            # external_data=False: one self-contained file, which the atomic rename can move.
+            shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, dynamic_shapes=shapes,
+                              verbose=False, **names)
+            graph = onnx.load(str(path))
+            if _global_average_pools(graph.graph):
+                onnx.save(graph, str(path))
+        else:
+            # Chosen by the user; its deprecation notice would only repeat what the option's help says.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **names)
+
+
+def _global_average_pools(graph: onnx.GraphProto) -> int:
+    """Rewrite ``ReduceMean`` over the last two axes of a 4-d tensor, keeping them, as the equivalent
+    ``GlobalAveragePool`` (see the module's docstring); returns how many were rewritten."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    rewritten = 0
+    for node in graph.node:
+        axes = constants.get(node.input[1]) if node.op_type == "ReduceMean" and len(node.input) == 2 else None
+        keeps_dims = all(attribute.i == 1 for attribute in node.attribute if attribute.name == "keepdims")
+        if axes is None or not keeps_dims or sorted(numpy_helper.to_array(axes).tolist()) not in ([2, 3], [-2, -1]):
+            continue
+        if _rank(graph, node.input[0]) != 4:  # (noop_with_empty_axes matters only without axes)
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        rewritten += 1
+    used = {name for node in graph.node for name in node.input}
+    unused = [tensor for tensor in graph.initializer if tensor.name not in used]
+    for tensor in unused:  # the axes tensors: onnxruntime warns about every unused one
+        graph.initializer.remove(tensor)
+    return rewritten
+
+
+def _rank(graph: onnx.GraphProto, name: str) -> int | None:
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
+
+
+def check_exporter(exporter) -> str:
+    """``exporter`` if it is one of :data:`EXPORTERS`.
+
+    Example:
+        >>> check_exporter("torchscript")
+        'torchscript'
+    """
+    if exporter not in EXPORTERS:
+        raise KecompressError(f"unknown ONNX exporter {exporter!r}: choose {' or '.join(EXPORTERS)}")
+    return exporter
 
 
 def check_onnx_parity(model: nn.Module, path: str | Path, input: torch.Tensor) -> float:
@@ -164,8 +230,8 @@ def onnx_session(path: str | Path, threads: int | None = None,
 
 
 def export_pair(dense: nn.Module, fit: nn.Module, out_dir: str | Path, input_shape=(3, 224, 224),
-                batch_size: int = 1, opset: int = MIN_OPSET, dynamic_batch: bool = False,
-                tolerance: float = 1e-4) -> list[dict]:
+                batch_size: int = 1, opset: int | None = None, dynamic_batch: bool = False,
+                tolerance: float = 1e-4, exporter: str = DEFAULT_EXPORTER) -> list[dict]:
     """Export the dense and the fit network to ``out_dir/dense.onnx`` and ``out_dir/fit.onnx``.
 
     Each file is checked in onnxruntime against PyTorch on one random input (seeded). The
@@ -177,13 +243,13 @@ def export_pair(dense: nn.Module, fit: nn.Module, out_dir: str | Path, input_sha
         dense: the dense network.
         fit: its slim fit network (:func:`kecompress.slice_fit`).
         out_dir: directory for the two files; created if missing.
-        input_shape, batch_size, opset, dynamic_batch: as in :func:`export_onnx`.
+        input_shape, batch_size, opset, dynamic_batch, exporter: as in :func:`export_onnx`.
         tolerance: the largest difference allowed, relative to the largest output magnitude.
 
     Returns:
         One dict per network: ``name`` ("dense"/"fit"), ``path``, ``params``, ``macs``
         (multiply-accumulates per sample, torch-pruning's count), ``file_bytes``,
-        ``max_abs_diff``, ``output_scale``, ``opset``.
+        ``max_abs_diff``, ``output_scale``, ``opset``, ``exporter``.
 
     Raises:
         KecompressError: an export fails, or a file differs from its model beyond ``tolerance``
@@ -199,11 +265,12 @@ def export_pair(dense: nn.Module, fit: nn.Module, out_dir: str | Path, input_sha
         (['dense', 'fit'], True)
     """
     out_dir = Path(out_dir)
+    opset = _check_opset(opset, check_exporter(exporter))
     sample = example_input(dense, input_shape, batch_size)
     sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))  # repeatable check
     rows = []
     for (name, model), file_name in zip((("dense", dense), ("fit", fit)), PAIR_FILES):
-        path = export_onnx(model, out_dir / file_name, input_shape, batch_size, opset, dynamic_batch)
+        path = export_onnx(model, out_dir / file_name, input_shape, batch_size, opset, dynamic_batch, exporter)
         difference, scale = _parity(model, path, sample)
         if difference > tolerance * scale:
             raise KecompressError(
@@ -214,7 +281,7 @@ def export_pair(dense: nn.Module, fit: nn.Module, out_dir: str | Path, input_sha
             macs, params = tp.utils.count_ops_and_params(model, sample)
         rows.append({"name": name, "path": str(path), "params": int(params), "macs": int(macs),
                      "file_bytes": path.stat().st_size, "max_abs_diff": difference,
-                     "output_scale": scale, "opset": opset})
+                     "output_scale": scale, "opset": opset, "exporter": exporter})
     return rows
 
 
@@ -261,15 +328,18 @@ def example_input(model: nn.Module, input_shape, batch_size: int = 1) -> torch.T
     return torch.randn(shape, device=parameter.device if parameter is not None else "cpu")
 
 
-def _check_opset(opset) -> int:
+def _check_opset(opset, exporter: str) -> int:
+    lowest = LOWEST_OPSET[exporter]
+    if opset is None:
+        return lowest
     try:
         value = int(opset)
         exact = float(opset) == value
     except (TypeError, ValueError):
         exact = False
-    if not exact or not MIN_OPSET <= value <= MAX_OPSET:
-        raise KecompressError(f"ONNX opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}: "
-                              f"e.g. opset={MIN_OPSET}")
+    if not exact or not lowest <= value <= MAX_OPSET:
+        raise KecompressError(f"ONNX opset must be an integer from {lowest} to {MAX_OPSET} for the {exporter} "
+                              f"exporter, got {opset!r}: e.g. opset={lowest}")
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,37 @@ def atomic_path(path: str | Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_directory(directory: str | Path):
+    """Yield a new hidden directory inside ``directory`` (created if missing); on success every
+    file written there is moved into ``directory``, replacing files of the same name. If the
+    body raises, nothing is moved. Either way the staging directory is removed.
+
+    For a set of files that must appear together or not at all: each is written, and checked,
+    before any is put in place.
+
+    Example:
+        >>> import tempfile, os
+        >>> target = tempfile.mkdtemp()
+        >>> with staged_directory(target) as staging:
+        ...     _ = (staging / "a.txt").write_text("a")
+        ...     os.listdir(target) != ["a.txt"]
+        True
+        >>> os.listdir(target)
+        ['a.txt']
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+    try:
+        yield staging
+        for written in sorted(staging.iterdir()):
+            os.replace(written, directory / written.name)
+        _fsync_directory(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:

@@ -57,6 +57,25 @@ def test_static_batch_is_fixed_in_the_graph(tmp_path):
     assert onnx_session(path).get_inputs()[0].shape == [2, 3, 8, 8]
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_both_exporters_match_pytorch_with_a_free_batch(exporter, tmp_path):
+    model = randomise_batchnorm(tiny())
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), dynamic_batch=True, exporter=exporter)
+    assert onnx.load(path).opset_import[0].version == {"dynamo": 18, "torchscript": 17}[exporter]
+    assert check_onnx_parity(model, path, torch.randn(3, 3, 8, 8)) < 1e-5
+    assert os.listdir(tmp_path) == ["m.onnx"]  # one self-contained file: no external weights beside it
+    operations = [node.op_type for node in onnx.load(path).graph.node]
+    assert "GlobalAveragePool" in operations and "ReduceMean" not in operations  # what INT8 kernels cover
+
+
+def test_unknown_exporter_and_opset_17_of_dynamo_are_refused(tmp_path):
+    with pytest.raises(KecompressError, match="unknown ONNX exporter 'onnxscript'"):
+        export_onnx(tiny(), tmp_path / "m.onnx", (3, 8, 8), exporter="onnxscript")
+    with pytest.raises(KecompressError, match="from 18 to 20 for the dynamo exporter"):
+        export_onnx(tiny(), tmp_path / "m.onnx", (3, 8, 8), opset=17, exporter="dynamo")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("opset", [11, 16, 21, "x", 17.5])
 def test_opset_outside_the_supported_range_is_refused(opset, tmp_path):
     with pytest.raises(KecompressError, match="opset"):
@@ -125,3 +144,14 @@ def test_bad_shape_and_unreadable_file_are_user_errors(tmp_path):
 def test_export_table_shows_both_networks_and_the_ratio(tmp_path):
     rows = export_pair(tiny(), tiny(), tmp_path, (3, 8, 8))
     assert export_table(rows).row_count == 3
+
+
+@pytest.mark.parametrize("flag, opset", [([], 18), (["--exporter", "dynamo"], 18), (["--exporter", "torchscript"], 17)])
+def test_export_command_takes_the_exporter(flag, opset, tmp_path, capsys):
+    from kecompress.cli import main
+
+    status = main(["export", "resnet18", "--num-classes", "10", "--input-size", "32", "--onnx", *flag,
+                   "--out", str(tmp_path)])
+    assert status == 0, capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["dense.onnx", "fit.onnx"]
+    assert onnx.load(tmp_path / "fit.onnx").opset_import[0].version == opset

@@ -1,0 +1,125 @@
+import json
+import os
+
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from kecompress import experiment, quantize
+from kecompress.cli import main
+from kecompress.errors import KecompressError
+from kecompress.export import export_pair
+from kecompress.quantize import calibration_subset, onnx_top1, quantize_pair
+from kecompress.rundir import RunDirectory
+
+from test_export import tiny
+
+# A tiny trained run: ResNet18 on the demo digits at 16 px, one generation of three epochs.
+SIZE = "16"
+# The INT8 fit may differ from the fp32 fit by this many points of top-1 on the run's 359 validation
+# images (measured, 64 calibration images: the fit 56.3% in both, the dense network 90.5% against 90.3%).
+TOLERANCE_POINTS = 3.0
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["evolve", "resnet18", "--image-size", SIZE, "--generations", "1", "--epochs", "3",
+                 "--batch-size", "64", "--out", str(out)]) == 0
+    return out
+
+
+def test_int8_files_of_a_run_load_and_agree_with_fp32(trained_run, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    status, stdout, err = run(capsys, "export", trained_run, "--onnx", "--int8", "--exporter", "torchscript",
+                              "--calibration-images", "64", "--out", out)
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == ["dense.int8.onnx", "dense.onnx", "fit.int8.onnx", "fit.onnx"]
+    printed = " ".join(stdout.split())
+    assert "fit top-1 on 359 validation images" in printed and "CPU:" in printed
+    _, validation, _ = experiment.load_data(RunDirectory(trained_run).read_config())
+    for name in ("dense", "fit"):
+        ort.InferenceSession(str(out / f"{name}.int8.onnx"), providers=["CPUExecutionProvider"])
+        fp32, int8 = onnx_top1(out / f"{name}.onnx", validation), onnx_top1(out / f"{name}.int8.onnx", validation)
+        assert fp32 > 0.2 and abs(fp32 - int8) * 100 <= TOLERANCE_POINTS, (name, fp32, int8)
+    assert (out / "fit.int8.onnx").stat().st_size < (out / "fit.onnx").stat().st_size / 3
+
+
+def test_too_large_an_accuracy_drop_writes_nothing(trained_run, tmp_path, capsys, monkeypatch):
+    # The INT8 fit scores 10 points below the fp32 fit, whatever the networks do.
+    monkeypatch.setattr(quantize, "onnx_top1", lambda path, data: 0.9 if str(path).endswith("fit.onnx") else 0.8)
+    out = tmp_path / "onnx"
+    status, _, err = run(capsys, "export", trained_run, "--onnx", "--int8", "--exporter", "torchscript",
+                         "--calibration-images", "8", "--out", out)
+    assert status == 2 and err.count("\n") == 1
+    assert "loses 10.00 points" in err and "more than the 1 allowed" in err
+    assert os.listdir(out) == []  # neither INT8 nor fp32 files, nor the staging directory
+
+
+def test_quantize_pair_refusal_leaves_the_fp32_files_alone(tmp_path, monkeypatch):
+    export_pair(tiny(), tiny(), tmp_path, (3, 8, 8), exporter="torchscript")
+    images = TensorDataset(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
+    monkeypatch.setattr(quantize, "onnx_top1", lambda path, data: 1.0 if str(path).endswith("fit.onnx") else 0.995)
+    with pytest.raises(KecompressError, match="0.50 points"):
+        quantize_pair(tmp_path, images, images, max_accuracy_drop=0)
+    assert sorted(os.listdir(tmp_path)) == ["dense.onnx", "fit.onnx"]
+    assert [path.name for path in quantize_pair(tmp_path, images, images, max_accuracy_drop=0.5).paths] == \
+        ["dense.int8.onnx", "fit.int8.onnx"]
+
+
+def test_bench_int8_json_has_the_int8_speedup_beside_the_fp32_one(trained_run, capsys):
+    status, stdout, err = run(capsys, "bench", trained_run, "--int8", "--json", "--runtime", "onnxruntime",
+                              "--exporter", "torchscript", "--calibration-images", "8", "--warmup", "0", "--runs", "2")
+    assert status == 0, err
+    result = json.loads(stdout)
+    row = result["results"][0]
+    assert row["int8_ort_speedup"] > 0 and row["ort_speedup"] > 0 and row["ort_int8_fit_median_ms"] > 0
+    assert row["int8_ort_speedup"] == pytest.approx(row["ort_dense_median_ms"] / row["ort_int8_fit_median_ms"])
+    assert result["settings"]["int8_calibration_images"] == 8 and "cpu_flags" in result["machine"]
+
+
+def test_calibration_folder_of_an_untrained_model(tmp_path, capsys):
+    folder = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (folder / name).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (40, 40), (index * 80, 0, 0)).save(folder / name / f"{index}.png")
+    status, stdout, err = run(capsys, "export", "resnet18", "--input-size", "32", "--onnx", "--int8",
+                              "--exporter", "torchscript", "--calibration-data", folder, "--out", tmp_path / "onnx")
+    assert status == 0, err
+    assert "warning" not in err and "accuracy not checked" in " ".join(stdout.split())
+    assert (tmp_path / "onnx" / "fit.int8.onnx").is_file()
+
+
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_a_bad_calibration_path_is_one_line(command, tmp_path, capsys):
+    extra = ["--onnx", "--out", tmp_path / "onnx"] if command == "export" else []
+    status, _, err = run(capsys, command, "resnet18", "--input-size", "32", "--int8", "--exporter", "torchscript",
+                         "--calibration-data", tmp_path / "missing", *extra)
+    assert status == 2 and err.count("\n") == 1 and "--calibration-data" in err and "is not a directory" in err
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_calibration_subset_is_seeded_and_bounded():
+    data = TensorDataset(torch.arange(10.0), torch.arange(10))
+    assert calibration_subset(data, 4).indices == calibration_subset(data, 4).indices
+    assert len(calibration_subset(data, 100)) == 10
+    with pytest.raises(KecompressError, match="calibration images"):
+        calibration_subset(data, 0)
+
+
+def test_without_calibration_data_an_untrained_model_calibrates_on_the_digits_with_a_warning(capsys):
+    from kecompress.cli import _int8_data
+
+    calibration, validation = _int8_data("resnet18", None, (3, 16, 16))
+    assert validation is None and calibration[0][0].shape == (3, 16, 16)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: no --calibration-data" in err
