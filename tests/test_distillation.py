@@ -121,3 +121,10 @@ def test_bad_distillation_and_fine_tuning_settings_get_one_line(argv, message, t
     status = main(["evolve", "resnet18", "--image-size", "16", "--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
     assert status == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_distillation_trains_under_mixed_precision():
+    loop = small_evolution(precision="bf16", fit_distillation=FitDistillation(start_generation=1))
+    history = loop.run()
+    assert all(0 <= record.fit <= 1 and record.train_loss > 0 for record in history)
+    assert all(param.dtype == torch.float32 and torch.isfinite(param).all() for param in loop.model.parameters())

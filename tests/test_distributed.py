@@ -137,6 +137,19 @@ def test_every_rank_holds_the_same_weights_after_each_reset_and_each_generation(
     assert not same_tensors(before, after)  # the reset did re-draw something
 
 
+def test_distilling_and_fine_tuning_the_fit_keep_every_rank_alike(workspace, tmp_path):
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    argv = evolve_args(workspace, tmp_path / "run") + ["--distill-fit", "--distill-from", "1", "--finetune-fit", "1"]
+    status, outputs = torchrun(workspace, argv, dumps=dumps, name="distill")
+    assert status == 0, outputs
+    for name in ("generation1", "generation2", "generation3"):
+        rank0, rank1 = (torch.load(dumps / f"{name}-rank{rank}.pt", weights_only=True) for rank in (0, 1))
+        assert same_tensors(rank0, rank1), name
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["finetune"]["epochs"] == 1 and len(metrics["generations"]) == 3
+
+
 def test_only_rank_0_prints_and_writes_files_in_the_usual_format(reference, workspace):
     run_dir, _, outputs = reference
     assert outputs[1] == {"stdout": "", "stderr": ""}
