@@ -241,11 +241,7 @@ class Evolution:
             self.start_optimizer()
         self.call("on_generation_start", generation)
         started = time.perf_counter()
-        train_loss = float("nan")
-        while progress.epochs_done < self.config.epochs:
-            epoch = progress.epochs_done
-            train_loss = self.epochs.run(generation, epoch)
-            self.call("on_epoch_end", generation, epoch)
+        train_loss = self._train_epochs(self.epochs, generation, self.config.epochs)
         record = self._evaluate_generation(generation, train_loss, started)
         progress.finish_generation(record)
         self.call("on_generation_end", record)
@@ -259,16 +255,21 @@ class Evolution:
                             self.step.channels_last, self.ctrl_c)
         epochs = EpochLoop(self, student, step)
         started = time.perf_counter()
-        train_loss = None
         with eval_mode(self.model):  # the teacher: its BatchNorm statistics as they are
-            while progress.epochs_done < self.finetuning.epochs:
-                epoch = progress.epochs_done
-                train_loss = epochs.run(generation, epoch)
-                self.call("on_epoch_end", generation, epoch)
+            train_loss = self._train_epochs(epochs, generation, self.finetuning.epochs)
         loss, metric = self._evaluate(student)
         progress.finetune = FinetuneRecord(self.finetuning.epochs, self.metric_name, fit=metric, fit_loss=loss,
                                            train_loss=train_loss, seconds=time.perf_counter() - started)
         self.call("on_finetune_end", progress.finetune)
+
+    def _train_epochs(self, epochs: EpochLoop, generation: int, count: int) -> float:
+        """Train the epochs of the phase not trained yet, up to ``count``; the last one's mean loss."""
+        train_loss = float("nan")
+        while self.progress.epochs_done < count:
+            epoch = self.progress.epochs_done
+            train_loss = epochs.run(generation, epoch)
+            self.call("on_epoch_end", generation, epoch)
+        return train_loss
 
     @property
     def phase_epochs(self) -> int:
@@ -318,10 +319,8 @@ class Evolution:
         dense_loss, dense_metric = self._evaluate(self.model)
         self.fit = self.fit_network()
         fit_loss, fit_metric = self._evaluate(self.fit)
-        if self.split.method == "kels":
-            fit_parameters = parameter_count(self.fit)
-        else:  # the sparse fit: the fit entries of the split, and every parameter the split leaves whole
-            fit_parameters = self.split.fit_count() + parameter_count(self.model) - self.split.total_count()
+        # A sparse (WELS) fit keeps the dense shapes: count its fit entries.
+        fit_parameters = parameter_count(self.fit) if self.split.method == "kels" else self.split.fit_parameters(self.model)
         return GenerationRecord(generation, self.metric_name, dense=dense_metric, fit=fit_metric,
                                 dense_loss=dense_loss, fit_loss=fit_loss,
                                 dense_parameters=parameter_count(self.model), fit_parameters=fit_parameters,

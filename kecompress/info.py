@@ -83,9 +83,8 @@ def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run
         graph = trace_dependency_graph(model, example)
         groups = sum(1 for _ in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
         fit_macs, _ = count_macs_params(slice_fit(model, split, example_inputs=example), input_shape)
-    uncovered = dense_parameters - split.total_count()
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
-                     split.fit_count() + uncovered, split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align)
+                     split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:

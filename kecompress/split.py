@@ -89,6 +89,17 @@ class Split:
         """
         return self.fit_count() / max(self.total_count(), 1)
 
+    def fit_parameters(self, model: nn.Module) -> int:
+        """Parameter entries of ``model``'s fit network: the split's fit entries, and every
+        parameter the split leaves whole.
+
+        Example:
+            >>> Split("wels", 0.5, masks={"weight": torch.ones(2, 3, dtype=torch.bool).tril()}).fit_parameters(
+            ...     nn.Linear(3, 2))
+            5
+        """
+        return self.fit_count() + sum(param.numel() for param in model.parameters()) - self.total_count()
+
     def check_matches(self, model: nn.Module) -> None:
         """Raise a KecompressError unless every mask names a parameter of ``model`` with its shape.
 
