@@ -361,8 +361,13 @@ def latency_cells(latency: RuntimeLatency) -> list[str]:
             f"{latency.fit_median_ms:.2f} / {latency.fit_p90_ms:.2f}", f"{latency.speedup:.2f}x"]
 
 
-def _time_interleaved(callables, warmup: int, runs: int) -> list[list[float]]:
-    """Milliseconds of each timed run of each callable, taking turns (dense, fit, dense, fit, ...)."""
+def time_interleaved(callables, warmup: int, runs: int) -> list[list[float]]:
+    """Milliseconds of each timed run of each callable, taking turns (dense, fit, dense, fit, ...).
+
+    Example:
+        >>> [len(ms) for ms in time_interleaved([lambda: None, lambda: None], warmup=1, runs=3)]
+        [3, 3]
+    """
     for _ in range(warmup):
         for run in callables:
             run()
@@ -392,7 +397,7 @@ def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_
         if int8_calibration is not None:
             paths += [quantize_int8(path, path.with_suffix(".int8.onnx"), int8_calibration) for path in paths[:2]]
         sessions = [onnx_session(path, threads=threads, config=_TIMING_CONFIG) for path in paths]
-    return _time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs)
+    return time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs)
 
 
 def _time_torch(dense, fit, sample, threads, warmup, runs):
@@ -400,7 +405,7 @@ def _time_torch(dense, fit, sample, threads, warmup, runs):
     torch.set_num_threads(threads)
     try:
         with eval_mode(dense), eval_mode(fit), torch.inference_mode():
-            return _time_interleaved([lambda: dense(sample), lambda: fit(sample)], warmup, runs)
+            return time_interleaved([lambda: dense(sample), lambda: fit(sample)], warmup, runs)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -21,6 +21,9 @@ the dense network 25.6 points against 0.6), while its MACs are a tiny share of t
 MinMax, Entropy and Percentile calibration, 256 or 1000 calibration images, and QOperator gave
 the same 2.8 points there; per-tensor weights and ``reduce_range`` lost more.
 
+These choices were measured once, with scripts that are not in the repository (the latency of
+the chosen INT8 networks is what ``kecompress bench --int8`` measures).
+
 On AVX2 CPUs without VNNI onnxruntime's uint8 x int8 kernels can saturate; the accuracy check of
 :func:`quantize_pair` is what catches a network that suffers from it.
 """
