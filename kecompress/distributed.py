@@ -14,6 +14,7 @@ for them in the next collective: :func:`fail_together` and :func:`run_on_main` s
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from typing import Callable, Sequence
@@ -134,6 +135,10 @@ def teardown() -> None:
         >>> teardown()  # nothing to leave in a plain process
     """
     if dist.is_available() and dist.is_initialized():
+        # A DistributedDataParallel model in a reference cycle (a loop and its callbacks) holds
+        # the process group until the collector runs; freed only at interpreter exit, gloo's
+        # threads are then destroyed unjoined and the process aborts.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -28,6 +28,7 @@ from kecompress.evaluation import accuracy, evaluate
 # Run under torchrun on every rank: saves the bare model's state_dict after every reset and every
 # generation, and at a chosen optimizer step either SIGKILLs rank 1 or presses Ctrl-C the way a
 # terminal does (SIGINT to every worker and to torchrun, which forwards another one to each).
+# After the command it checks that the process group's threads are gone.
 SPY = r"""
 import os, signal, sys
 import torch
@@ -64,7 +65,13 @@ def step(self, *args, original=torch.optim.SGD.step, **kwargs):
             os.kill(os.getppid(), signal.SIGINT)  # torchrun's agent
     return original(self, *args, **kwargs)
 torch.optim.SGD.step = step
-sys.exit(main(sys.argv[4:]))
+status = main(sys.argv[4:])
+# The process group's threads must be gone once the command returns: left to interpreter exit,
+# gloo's threads are destroyed unjoined and the process aborts, now and then.
+threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+if any("gloo" in name for name in threads):
+    sys.exit(f"process group threads still running after the command: {threads}")
+sys.exit(status)
 """
 
 STEPS_PER_EPOCH = 6  # 1,438 demo images, 719 a rank, batches of 128
