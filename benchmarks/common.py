@@ -249,6 +249,50 @@ def parse_rounds(parser: argparse.ArgumentParser, argv: Sequence[str] | None) ->
     return options
 
 
+def add_small_data_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that trains on a small data set: the data, the architecture and
+    the images per class.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_small_data_options(parser)
+        >>> parser.parse_args([]).per_class
+        20
+    """
+    from kecompress.augment import AUGMENTATIONS
+
+    parser.add_argument("--data", default=None, help="ImageFolder directory (default: the bundled digits)")
+    parser.add_argument("--arch", default="resnet18", help="torchvision architecture")
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                        help="augmentation of --data (default: as kecompress evolve chooses from the image size)")
+    parser.add_argument("--per-class", type=at_least(0), default=20, help="training images per class; 0: all")
+    parser.add_argument("--test-fraction", type=float, default=0.5,
+                        help="held-out test fraction of each class (a folder with val/ uses val/)")
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The training options of ``kecompress evolve`` a benchmark passes on (its defaults), the
+    device, and how many jobs run side by side.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_training_options(parser)
+        >>> parser.parse_args(["--lr", "0.05"]).lr
+        0.05
+    """
+    from kecompress.config import RunConfig, TrainingConfig
+
+    parser.add_argument("--lr", type=float, default=TrainingConfig.lr, help="SGD learning rate")
+    parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="SGD weight decay")
+    parser.add_argument("--warmup-epochs", type=int, default=TrainingConfig.warmup_epochs,
+                        help="warm-up epochs of every generation")
+    parser.add_argument("--batch-size", type=at_least(1), default=RunConfig.batch_size, help="batch size")
+    parser.add_argument("--label-smoothing", type=float, default=RunConfig.label_smoothing, help="label smoothing")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=at_least(1), default=None,
+                        help="jobs run side by side (default: one per CPU core, one on CUDA)")
+
+
 def run_script(name: str, main: Callable[[], int]) -> int:
     """``main()``'s exit status; a :class:`~kecompress.KecompressError` (a bad setting, model or
     data) ends it in one line naming the script, with status 2, as the command line does.

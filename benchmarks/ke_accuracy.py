@@ -12,8 +12,8 @@ set), for every seed it trains
 
 and reports test accuracy per generation (mean and standard deviation over seeds) for the
 dense network and the fit hypothesis, the baselines, and the paired differences per seed.
-Writes docs/results.md (the part below its ANALYSIS marker is written by hand and kept) and
-docs/results.png.
+Writes docs/generations.md (the part below its ANALYSIS marker is written by hand and kept) and
+docs/generations.png.
 
     .venv/bin/python benchmarks/ke_accuracy.py        # the bundled digits: about 20 minutes on 2 CPU cores
     .venv/bin/python benchmarks/ke_accuracy.py --data path/to/images --per-class 0 --image-size 224 \\
@@ -43,10 +43,10 @@ import torch.nn as nn
 from rich.console import Console
 
 import kecompress
-from common import (at_least, fit_sized_from_scratch, machine, machine_line, markdown_table, rich_table, run_script,
-                    write_report)
+from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, machine,
+                    machine_line, markdown_table, rich_table, run_script, write_report)
 from kecompress import data as datasets
-from kecompress.augment import AUGMENTATIONS, default_augmentation
+from kecompress.augment import default_augmentation
 from kecompress import experiment
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -365,7 +365,7 @@ def write_markdown(path: Path, summary: dict, jobs: dict, args, settings: dict, 
         f"Wall time per seed (mean): KE {arm_minutes['ke']:.1f} min, one network for as long "
         f"{arm_minutes['long']:.1f} min, the fit-sized network {arm_minutes['small']:.1f} min.",
         "",
-        "![KE accuracy per generation against the baselines](results.png)",
+        "![KE accuracy per generation against the baselines](generations.png)",
         "",
     ]
     write_report(path, lines)
@@ -420,30 +420,16 @@ def write_chart(path: Path, summary: dict, settings: dict) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=None, help="ImageFolder directory (default: the bundled digits)")
-    parser.add_argument("--arch", default="resnet18", help="torchvision architecture")
+    add_small_data_options(parser)
     parser.add_argument("--image-size", type=at_least(1), default=None,
                         help="input size (default: 32 demo, 224 folder)")
-    parser.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                        help="augmentation of --data (default: as kecompress evolve chooses from the image size)")
-    parser.add_argument("--per-class", type=at_least(0), default=20, help="training images per class; 0: all")
-    parser.add_argument("--test-fraction", type=float, default=0.5,
-                        help="held-out test fraction of each class (a folder with val/ uses val/)")
     parser.add_argument("--generations", type=at_least(1), default=10, help="KE generations G")
     parser.add_argument("--epochs", type=at_least(1), default=30, help="epochs per generation E")
     parser.add_argument("--rate", type=float, default=RunConfig.rate, help="KELS split rate")
     parser.add_argument("--seeds", type=at_least(1), default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--lr", type=float, default=TrainingConfig.lr, help="SGD learning rate")
-    parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay, help="SGD weight decay")
-    parser.add_argument("--warmup-epochs", type=int, default=TrainingConfig.warmup_epochs,
-                        help="warm-up epochs of every generation")
-    parser.add_argument("--batch-size", type=at_least(1), default=RunConfig.batch_size, help="batch size")
-    parser.add_argument("--label-smoothing", type=float, default=RunConfig.label_smoothing, help="label smoothing")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--workers", type=at_least(1), default=None,
-                        help="jobs run side by side (default: one per CPU core, one on CUDA)")
+    add_training_options(parser)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/ke_accuracy"), help="finished jobs are kept here")
-    parser.add_argument("--out-dir", type=Path, default=DOCS, help="where results.md and results.png go")
+    parser.add_argument("--out-dir", type=Path, default=DOCS, help="where generations.md and generations.png go")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
@@ -511,9 +497,9 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/ke_accuracy.py", *argv])
     minutes = (time.perf_counter() - started) / 60
-    write_markdown(args.out_dir / "results.md", summary, jobs, args, settings, command)
-    write_chart(args.out_dir / "results.png", summary, settings)
-    console.print(f"wrote {args.out_dir / 'results.md'} and {args.out_dir / 'results.png'} ({minutes:.0f} min)")
+    write_markdown(args.out_dir / "generations.md", summary, jobs, args, settings, command)
+    write_chart(args.out_dir / "generations.png", summary, settings)
+    console.print(f"wrote {args.out_dir / 'generations.md'} and {args.out_dir / 'generations.png'} ({minutes:.0f} min)")
     return 0
 
 

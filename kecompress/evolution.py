@@ -74,7 +74,7 @@ class Evolution:
             point of the loop, with the loop.
         fit_batchnorm: ``"re-estimated"`` (default): before the fit network is evaluated, its
             BatchNorm statistics are recomputed on the training data, for the fit network
-            alone (measured in docs/results.md: the fit as cut out lags the dense network,
+            alone (measured in docs/generations.md: the fit as cut out lags the dense network,
             re-estimated it matches it). ``"inherited"``: the fit as cut out, with the dense
             network's statistics, as KE's paper measures it. The weights are the same either way.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 with a gradient scaler).

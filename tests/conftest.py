@@ -5,6 +5,7 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -84,6 +85,34 @@ def terminal_sigint_in_child() -> None:
     action, which Python turns into KeyboardInterrupt, even when this shell ignores SIGINT
     (ignored signals are inherited across exec)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/NAME.py``, imported as running the script does (its directory on
+    the path, for its ``from common import``)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(script.parent))
+        spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a benchmark script in a process group of its own, so that a timeout also ends the worker
+    processes it started (left behind, they would slow every later test down)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def small_evolution(run_dir=None, generations: int = 2, **options):

@@ -120,6 +120,14 @@ def outcome(run_dir: Path):
             torch.load(run_dir / "fit.pt", weights_only=True)["state_dict"])
 
 
+def assert_same_outcome(run_dir: Path, reference_dir: Path) -> None:
+    """Metrics (but the seconds), final dense network and fit network equal, bit for bit."""
+    reference_metrics, reference_dense, reference_fit = outcome(reference_dir)
+    metrics, dense, fit = outcome(run_dir)
+    assert metrics == reference_metrics
+    assert same_tensors(dense, reference_dense) and same_tensors(fit, reference_fit)
+
+
 def same_tensors(left: dict, right: dict) -> bool:
     return left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left)
 
@@ -144,17 +152,40 @@ def test_every_rank_holds_the_same_weights_after_each_reset_and_each_generation(
     assert not same_tensors(before, after)  # the reset did re-draw something
 
 
-def test_distilling_and_fine_tuning_the_fit_keep_every_rank_alike(workspace, tmp_path):
-    dumps = tmp_path / "dumps"
+DISTILL = ["--distill-fit", "--distill-from", "1", "--finetune-fit", "1"]
+
+
+@pytest.fixture(scope="module")
+def distilled(workspace):
+    """A run with in-place distillation from generation 1 and a fine-tuning epoch of the fit."""
+    dumps = workspace / "distill-dumps"
     dumps.mkdir()
-    argv = evolve_args(workspace, tmp_path / "run") + ["--distill-fit", "--distill-from", "1", "--finetune-fit", "1"]
-    status, outputs = torchrun(workspace, argv, dumps=dumps, name="distill")
+    status, outputs = torchrun(workspace, evolve_args(workspace, workspace / "distilled") + DISTILL, dumps=dumps,
+                               name="distill")
     assert status == 0, outputs
+    return workspace / "distilled", dumps
+
+
+def test_distilling_and_fine_tuning_the_fit_keep_every_rank_alike(distilled):
+    run_dir, dumps = distilled
     for name in ("generation1", "generation2", "generation3"):
         rank0, rank1 = (torch.load(dumps / f"{name}-rank{rank}.pt", weights_only=True) for rank in (0, 1))
         assert same_tensors(rank0, rank1), name
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["finetune"]["epochs"] == 1 and len(metrics["generations"]) == 3
+
+
+def test_ctrl_c_while_distilling_then_resume_equals_an_uninterrupted_run(distilled, workspace):
+    out = workspace / "distill-interrupted"
+    args = evolve_args(workspace, out) + DISTILL
+    status, outputs = torchrun(workspace, args, action="ctrl-c", count=2 * STEPS_PER_EPOCH + 3, name="distill-ctrl-c")
+    assert status != 0 and "interrupted at generation 2, epoch 1, step 3" in outputs[0]["stderr"]
+    status, outputs = torchrun(workspace, args + ["--resume"], name="distill-resume")
+    assert status == 0, outputs
+    assert_same_outcome(out, distilled[0])
+    finetuned = [json.loads((run / "metrics.json").read_text())["finetune"] for run in (out, distilled[0])]
+    assert [{key: value for key, value in record.items() if key != "seconds"} for record in finetuned] == \
+        [{key: value for key, value in finetuned[1].items() if key != "seconds"}] * 2
 
 
 def test_only_rank_0_prints_and_writes_files_in_the_usual_format(reference, workspace):
@@ -208,10 +239,7 @@ def test_ctrl_c_then_a_killed_rank_then_resume_equals_an_uninterrupted_run(refer
 
     status, outputs = torchrun(workspace, args + ["--resume"], name="resume")
     assert status == 0, outputs
-    reference_metrics, reference_dense, reference_fit = outcome(reference[0])
-    metrics, dense, fit = outcome(out)
-    assert metrics == reference_metrics
-    assert same_tensors(dense, reference_dense) and same_tensors(fit, reference_fit)
+    assert_same_outcome(out, reference[0])
 
 
 def test_a_user_error_on_rank_0_alone_ends_every_rank_with_one_line(workspace):

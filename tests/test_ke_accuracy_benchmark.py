@@ -1,23 +1,19 @@
 """benchmarks/ke_accuracy.py: its verdicts say what the numbers say, and it runs end to end."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark, run_benchmark
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ke_accuracy.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ke_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SCRIPT.parent))  # as running the script does: for its `from common import`
-        spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ke_accuracy")
 
 
 def jobs_with(ke_dense, ke_fit, long, small):
@@ -76,13 +72,13 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_report(tmp_path):
     command = [sys.executable, str(SCRIPT), "--generations", "2", "--epochs", "1", "--per-class", "3", "--seeds", "2",
                "--image-size", "8", "--batch-size", "64", "--workers", "1", "--work-dir", str(tmp_path / "work"),
                "--out-dir", str(tmp_path / "docs")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_benchmark(command)
     assert result.returncode == 0, result.stderr[-2000:]
-    report = (tmp_path / "docs" / "results.md").read_text()
+    report = (tmp_path / "docs" / "generations.md").read_text()
     assert "30 in all" in report and "| 2 | 2 |" in report and "Reproduce: `python benchmarks/ke_accuracy.py" in report
-    assert "## Verdict" in report and (tmp_path / "docs" / "results.png").stat().st_size > 10_000
+    assert "## Verdict" in report and (tmp_path / "docs" / "generations.png").stat().st_size > 10_000
     assert len(list((tmp_path / "work").glob("*-seed*-*.json"))) == 6
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # keeps every finished job
+    again = run_benchmark(command)  # keeps every finished job
     assert again.returncode == 0 and again.stdout.count("kept from") == 6
 
 

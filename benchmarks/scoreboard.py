@@ -1,0 +1,615 @@
+"""The scoreboard: which recipe gives the best slim network on small data, against the strongest baselines.
+
+Every arm trains for the same total epochs (G generations of E epochs, or one run of G*E), on the
+same training images, with the same loss, optimizer and schedule shape, seed by seed:
+
+    ke              Knowledge Evolution as in the paper (KELS or WELS at --rate, the fit kept, the rest re-drawn)
+    ke-distill      KE with in-place distillation of the fit network from generation 2 on (--distill-fit)
+    ke-finetune     KE for G-1 generations, then the fit network fine-tuned alone for E epochs with
+                    knowledge distillation from the dense network (--finetune-fit E); KELS only
+    llf             later-layer forgetting (Zhou et al., ICLR 2022): the last stage re-initialised every generation
+    shrink-perturb  every parameter becomes 0.4 p + 0.1 q, q a fresh draw (Ash & Adams, NeurIPS 2020)
+    warm-restart    nothing re-initialised: a new optimizer and schedule every generation (the control)
+    long            one dense network trained for G*E epochs, and its fit (the same slice, statistics re-estimated)
+    long-distill    one generation of G*E epochs with in-place distillation from the first step
+    small-scratch   the fit-sized network, freshly initialised, trained for G*E epochs (KELS only)
+    small-kd        the fit-sized network trained for G*E epochs with knowledge distillation (T=4, weight
+                    0.5; Hinton et al. 2015) from the long arm's dense network of the same seed (KELS only)
+    small-ban       born-again fit-sized networks (Furlanello et al., ICML 2018): G generations of E epochs,
+                    each a fresh network taught by the labels and the previous generation (T=1, weight 0.5)
+    lottery         for --split wels: iterative magnitude pruning with rewinding to the end of the first
+                    epoch (Frankle et al., ICLR 2019 and ICML 2020), G rounds of E epochs, to the WELS fit's sparsity
+
+An arm's cost is its training's multiply-accumulates: 3x the forward MACs of every network trained
+per image (forward and backward), a teacher's forward pass per image, the in-place distillation
+pass, the BatchNorm re-estimation of a fit network, and for small-kd the training of its teacher
+(the long arm) too, since a user has to train it first; and its wall time (small-kd's includes its
+teacher's). With --label-noise P a seeded fraction P of the training labels becomes another class.
+
+Results of one data set go to docs/scoreboard/<name>.json (the per-seed figures, as --json writes
+them) and .png (accuracy against training cost); docs/results.md is then rebuilt from every data set
+measured so far (the part below its ANALYSIS marker is written by hand and kept). Finished jobs are
+kept in --work-dir, named by their settings, so a rerun continues where the last one stopped.
+
+    .venv/bin/python benchmarks/scoreboard.py                       # the digits, every arm, 5 seeds: about an hour on 2 cores
+    .venv/bin/python benchmarks/scoreboard.py --label-noise 0.2
+    .venv/bin/python benchmarks/scoreboard.py --data /tmp/animals --per-class 0   # Animal-Shape (benchmarks/animal_shapes.py)
+    .venv/bin/python benchmarks/scoreboard.py --data DIR --per-class 0 --image-size 224 \\
+        --generations 10 --epochs 200 --lr 0.256 --warmup-epochs 5 --device cuda   # the paper's setting, for a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+import kecompress
+from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, machine,
+                    machine_line, markdown_table, mean_std, paired, rich_table, run_script, write_report)
+from kecompress import data as datasets
+from kecompress import experiment
+from kecompress.augment import default_augmentation
+from kecompress.bench import count_macs_params
+from kecompress.callbacks import Callback
+from kecompress.config import RunConfig, TrainingConfig
+from kecompress.distillation import FitDistillation
+from kecompress.files import atomic_path, save_json
+from kecompress.finetune import FinetuneStep, FitFinetuning
+from kecompress.forgetting import from_settings, settings_of
+from kecompress.split import check_rate
+from kecompress.training import EpochLoop
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-restart", "long", "long-distill",
+             "small-scratch", "small-kd", "small-ban")
+WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery")
+FORGETTING = {"ke": "ke", "llf": "llf", "shrink-perturb": "shrink-perturb", "warm-restart": "none"}
+SMALL_KD = FitFinetuning(1, temperature=4.0, kd_weight=0.5)  # Hinton et al.'s usual form; epochs unused here
+BORN_AGAIN = FitFinetuning(1, temperature=1.0, kd_weight=0.5)
+BASELINES = ("small-scratch", "small-kd")  # what a slim network must beat
+JOB_FORMAT = 1  # raise when a job's record changes, so that jobs kept from before are run again
+PAPER_SETTING = ("python benchmarks/scoreboard.py --data DIR --per-class 0 --image-size 224 --generations 10 "
+                 "--epochs 200 --lr 0.256 --warmup-epochs 5 --device cuda")
+DATA_SETS = {  # the four tables of docs/results.md, and the command that fills each
+    "digits": "python benchmarks/scoreboard.py",
+    "digits-noise20": "python benchmarks/scoreboard.py --label-noise 0.2",
+    "animals": "python benchmarks/scoreboard.py --data /tmp/animals --per-class 0",
+    "animals-noise20": "python benchmarks/scoreboard.py --data /tmp/animals --per-class 0 --label-noise 0.2",
+}
+
+
+# --- the data ------------------------------------------------------------------------------
+
+class NoisyLabels(Dataset):
+    """``dataset`` with a seeded ``fraction`` of its labels replaced by another class, each drawn
+    uniformly from the other ``num_classes - 1`` (so that exactly that fraction is wrong).
+
+    Example:
+        >>> train, _, _ = datasets.demo_datasets(seed=0)
+        >>> noisy = NoisyLabels(train, 0.2, 10, seed=0)
+        >>> sum(a != b for a, b in zip(noisy.labels, datasets.class_labels(train))) == round(0.2 * len(train))
+        True
+    """
+
+    def __init__(self, dataset: Dataset, fraction: float, num_classes: int, seed: int):
+        self.dataset = dataset
+        labels = datasets.class_labels(dataset)
+        generator = torch.Generator().manual_seed(seed)
+        wrong = torch.randperm(len(labels), generator=generator)[:round(fraction * len(labels))]
+        shifts = torch.randint(1, num_classes, (len(wrong),), generator=generator)
+        self.labels = list(labels)
+        for index, shift in zip(wrong.tolist(), shifts.tolist()):
+            self.labels[index] = (labels[index] + shift) % num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index][0], self.labels[index]
+
+
+def run_config(settings: dict, seed: int, generations: int, epochs: int, **fields) -> RunConfig:
+    """One arm's run; its data (seed 0) are the same for every seed: the test set is fixed."""
+    training = TrainingConfig(generations=generations, epochs=epochs, lr=settings["lr"], seed=seed,
+                              weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"])
+    return RunConfig(model=settings["arch"], split=settings["split"], rate=settings["rate"], seed=seed,
+                     data=settings["data"], image_size=settings["image_size"], val_fraction=settings["test_fraction"],
+                     batch_size=settings["batch_size"], label_smoothing=settings["label_smoothing"],
+                     augment=settings["augment"], training=training, **fields)
+
+
+def seed_data(settings: dict, seed: int):
+    """The seed's training images (``--per-class`` of every class, labels made noisy as asked),
+    the fixed test set, and the class names."""
+    pool, test, classes = experiment.load_data(run_config(settings, 0, 1, 1))
+    train = datasets.per_class_subset(pool, settings["per_class"], seed, classes) if settings["per_class"] else pool
+    if settings["label_noise"]:
+        train = NoisyLabels(train, settings["label_noise"], len(classes), seed)
+    return train, test, classes
+
+
+# --- the arms ------------------------------------------------------------------------------
+
+def with_teacher(loop, teacher: nn.Module, distillation: FitFinetuning):
+    """``loop`` (a network of its own, e.g. fit-sized) learning in every step from ``teacher``'s
+    predictions too, with ``distillation``'s loss; the teacher frozen, in eval mode."""
+    teacher.to(loop.device).eval().requires_grad_(False)
+    loop.step = FinetuneStep(loop.model, teacher, distillation, loop.loss_fn, loop.amp, loop.device)
+    loop.epochs = EpochLoop(loop, loop.model, loop.step)
+    return loop
+
+
+class MagnitudeRewind:
+    """Iterative magnitude pruning with rewinding as a forgetting strategy: before each generation
+    after the first, the smallest surviving weights of the split's layers (globally, by magnitude)
+    are pruned so that the kept fraction falls geometrically to ``final_fraction`` at the last
+    generation, and every parameter and buffer goes back to what it was at the rewind point.
+    :class:`KeepPruned` takes that snapshot and keeps the pruned weights at zero.
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> strategy = MagnitudeRewind(final_fraction=0.25, generations=2)
+        >>> strategy.rewind = copy.deepcopy(model.state_dict())
+        >>> strategy.forget_(model, kecompress.split(model, "wels", 0.5))
+        >>> int((model.weight != 0).sum())
+        2
+    """
+
+    def __init__(self, final_fraction: float, generations: int):
+        self.final_fraction, self.generations = final_fraction, generations
+        self.masks: dict[str, torch.Tensor] = {}
+        self.rewind: dict | None = None
+        self.pruned_rounds = 0
+
+    @torch.no_grad()
+    def forget_(self, model: nn.Module, split, seed=None) -> None:
+        self.pruned_rounds += 1
+        keep = self.final_fraction ** (self.pruned_rounds / max(self.generations - 1, 1))
+        weights = {name: param for name, param in model.named_parameters() if name in split.masks}
+        masks = {name: self.masks.get(name, torch.ones_like(param, dtype=torch.bool)) for name, param in weights.items()}
+        scores = torch.cat([(param.abs() * masks[name]).flatten() for name, param in weights.items()])
+        pruned = scores.numel() - round(keep * scores.numel())
+        threshold = scores.kthvalue(pruned).values if pruned > 0 else -1.0
+        self.masks = {name: masks[name] & (param.abs() > threshold) for name, param in weights.items()}
+        model.load_state_dict(self.rewind)
+        self.apply(model)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero the pruned weights."""
+        for name, param in model.named_parameters():
+            if name in self.masks:
+                param.mul_(self.masks[name])
+
+
+class KeepPruned(Callback):
+    """The lottery arm's training: the rewind point after the first epoch, pruned weights kept at zero."""
+
+    def __init__(self, strategy: MagnitudeRewind):
+        self.strategy = strategy
+
+    def on_step_end(self, loop, loss, samples) -> None:
+        self.strategy.apply(loop.model)
+
+    def on_epoch_end(self, loop, generation, epoch) -> None:
+        if generation == 1 and epoch == 0:
+            self.strategy.rewind = copy.deepcopy(loop.model.state_dict())
+
+
+def forward_macs(loop) -> tuple[int, int]:
+    """Forward MACs of one image through the dense network and through its fit (sliced for
+    KELS; a WELS fit is the dense network with zeros, which dense kernels compute at full cost)."""
+    shape = loop.input_shape
+    dense, _ = count_macs_params(loop.model, shape)
+    if loop.split.method != "kels":
+        return dense, dense
+    fit, _ = count_macs_params(kecompress.slice_fit(loop.model, loop.split, example_inputs=loop.example_input()), shape)
+    return dense, fit
+
+
+def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None) -> dict:
+    """Train one arm for one seed; its test accuracies (fractions, None where the arm has no
+    such network), training MACs and wall time."""
+    torch.set_num_threads(settings["threads"])
+    started = time.perf_counter()
+    data = seed_data(settings, seed)
+    images = len(data[0])
+    g, e = settings["generations"], settings["epochs"]
+    total = g * e
+    device = settings["device"]
+
+    def build(generations: int, epochs: int, seed_: int = seed, **fields):
+        return experiment.build(run_config(settings, seed_, generations, epochs, **fields), data, device=device)
+
+    extra = {}
+    if arm in FORGETTING or arm == "ke-distill":
+        forget = settings_of(from_settings({"name": FORGETTING.get(arm, "ke")}))
+        distill = FitDistillation().identity() if arm == "ke-distill" else None
+        loop = build(g, e, forget=forget, distill_fit=distill)
+        dense_macs, fit_macs = forward_macs(loop)
+        history = loop.run()
+        dense, fit = history[-1].dense, history[-1].fit
+        macs = 3 * dense_macs * images * total + fit_macs * images * g  # + a re-estimation pass a generation
+        if distill:
+            macs += 3 * fit_macs * images * e * (g - FitDistillation().start_generation + 1)
+    elif arm == "ke-finetune":
+        loop = build(g - 1, e, finetune_fit=FitFinetuning(e).identity())
+        dense_macs, fit_macs = forward_macs(loop)
+        history = loop.run()
+        dense, fit = history[-1].dense, loop.progress.finetune.fit
+        macs = 3 * dense_macs * images * (g - 1) * e + fit_macs * images * (g - 1) + (3 * fit_macs + dense_macs) * images * e
+    elif arm in ("long", "long-distill"):
+        distill = FitDistillation(start_generation=1).identity() if arm == "long-distill" else None
+        loop = build(1, total, distill_fit=distill)
+        dense_macs, fit_macs = forward_macs(loop)
+        [record] = loop.run()
+        dense, fit = record.dense, record.fit
+        macs = 3 * dense_macs * images * total + fit_macs * images + (3 * fit_macs * images * total if distill else 0)
+        if arm == "long" and teacher_file:  # small-kd's teacher
+            torch.save(loop.model.state_dict(), teacher_file)
+    elif arm in ("small-scratch", "small-kd"):
+        loop = build(1, total)
+        dense_macs, fit_macs = forward_macs(loop)
+        if arm == "small-kd":
+            loop.model.load_state_dict(torch.load(teacher_file, weights_only=True))
+            teacher = loop.model  # the long job's record lies beside its network
+            teacher_job = json.loads(Path(teacher_file).with_suffix(".json").read_text())
+        torch.manual_seed(seed)
+        student = fit_sized_from_scratch(loop)
+        if arm == "small-kd":
+            with_teacher(student, teacher, SMALL_KD)
+            extra["teacher_seconds"] = teacher_job["seconds"]
+        [record] = student.run()
+        dense, fit = None, record.dense
+        macs = 3 * fit_macs * images * total
+        if arm == "small-kd":  # the teacher's own training (the long arm's), then its forward passes
+            macs += teacher_job["train_macs"] + dense_macs * images * total
+    elif arm == "small-ban":
+        previous = None
+        for generation in range(1, g + 1):
+            loop = build(1, e, seed_=seed + 1000 * (generation - 1))  # its own initialisation and data order
+            if generation == 1:
+                dense_macs, fit_macs = forward_macs(loop)
+            torch.manual_seed(seed + 1000 * (generation - 1))
+            student = fit_sized_from_scratch(loop)
+            if previous is not None:
+                with_teacher(student, previous, BORN_AGAIN)
+            [record] = student.run()
+            previous = student.model
+        dense, fit = None, record.dense
+        macs = 3 * fit_macs * images * total + fit_macs * images * e * (g - 1)
+    elif arm == "lottery":
+        loop = build(g, e)
+        strategy = MagnitudeRewind(loop.split.fit_fraction(), g)
+        loop.forgetting = strategy
+        loop.callbacks.append(KeepPruned(strategy))
+        dense_macs, fit_macs = forward_macs(loop)
+        history = loop.run()
+        dense, fit = None, history[-1].dense  # the last round's network is the pruned ticket
+        macs = 3 * dense_macs * images * total
+        extra["ticket_fraction"] = sum(int(mask.sum()) for mask in strategy.masks.values()) / loop.split.total_count()
+    else:
+        raise ValueError(f"unknown arm {arm}")
+    seconds = time.perf_counter() - started + extra.get("teacher_seconds", 0.0)
+    return {"arm": arm, "seed": seed, "settings": settings, "dense_accuracy": dense, "fit_accuracy": fit,
+            "train_macs": macs, "seconds": seconds, "training_images": images, "test_images": len(data[1]),
+            "dense_macs": dense_macs, "fit_macs": fit_macs, **extra}
+
+
+# --- running the jobs ----------------------------------------------------------------------
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, workers: int) -> dict:
+    """Every (arm, seed) job's result: kept from ``work_dir`` where it finished before, run otherwise,
+    ``workers`` at a time. small-kd waits for its seed's long arm, whose dense network it learns from."""
+    digest = settings_digest(settings)
+    path = lambda arm, seed: work_dir / f"{arm}-seed{seed}-{digest}.json"  # noqa: E731
+    teacher = lambda seed: work_dir / f"long-seed{seed}-{digest}.pt"  # noqa: E731
+    jobs, waiting = {}, []
+    for arm in arms:
+        for seed in seeds:
+            if path(arm, seed).is_file():
+                jobs[arm, seed] = json.loads(path(arm, seed).read_text())
+                print(f"{arm} seed {seed}: kept from {path(arm, seed)}", flush=True)
+            else:
+                waiting.append((arm, seed))
+    needs_teacher = {seed for arm, seed in waiting if arm == "small-kd"}
+    for seed in needs_teacher:  # a long job kept from before without its network: train it again
+        if ("long", seed) not in waiting and not teacher(seed).is_file():
+            waiting.append(("long", seed))
+    print(f"{len(waiting)} jobs to run, {workers} at a time, {settings['threads']} thread(s) each", flush=True)
+
+    def ready(arm, seed):
+        return arm != "small-kd" or (teacher(seed).is_file() and path("long", seed).is_file())
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        running = {}
+        while waiting or running:
+            for arm, seed in [job for job in waiting if ready(*job)][:max(0, workers - len(running))]:
+                waiting.remove((arm, seed))
+                file = str(teacher(seed)) if arm in ("long", "small-kd") and seed in needs_teacher else None
+                running[pool.submit(run_job, arm, seed, settings, file)] = arm, seed
+            if not running:
+                raise RuntimeError(f"jobs that can never start: {waiting}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                arm, seed = running.pop(future)
+                result = future.result()
+                save_json(result, path(arm, seed))  # kept at once: a rerun continues
+                jobs[arm, seed] = result
+                print(f"{arm} seed {seed}: dense {result['dense_accuracy']}, fit {result['fit_accuracy']} "
+                      f"({result['seconds'] / 60:.1f} min)", flush=True)
+    return jobs
+
+
+# --- what the jobs say ---------------------------------------------------------------------
+
+def results_json(jobs: dict, arms: list[str], seeds: list[int]) -> dict:
+    """The machine-readable results: per arm, each seed's accuracies (fractions), MACs and seconds."""
+    keys = ("seed", "dense_accuracy", "fit_accuracy", "train_macs", "seconds")
+    return {"arms": {arm: {"per_seed": [{key: jobs[arm, seed][key] for key in keys} for seed in seeds]}
+                     for arm in arms}}
+
+
+def fit_values(results: dict, arm: str) -> list[float]:
+    return [row["fit_accuracy"] for row in results["arms"][arm]["per_seed"]]
+
+
+def mean_of(results: dict, arm: str, key: str) -> float | None:
+    values = [row[key] for row in results["arms"][arm]["per_seed"]]
+    return None if None in values else statistics.fmean(values)
+
+
+def recommend(results: dict) -> str:
+    """The cheapest arm (by training MACs) whose fit network is not worse, beyond two standard
+    errors of the paired differences, than the arm with the best mean fit accuracy.
+
+    Example:
+        >>> row = lambda fit, macs: {"seed": 0, "dense_accuracy": None, "fit_accuracy": fit, "train_macs": macs, "seconds": 1}
+        >>> recommend({"arms": {"a": {"per_seed": [row(0.9, 10), row(0.8, 10)]},
+        ...                     "b": {"per_seed": [row(0.89, 5), row(0.81, 5)]}}})
+        'b'
+    """
+    best = max(results["arms"], key=lambda arm: mean_of(results, arm, "fit_accuracy"))
+    tied = [arm for arm in results["arms"]
+            if arm == best or paired(fit_values(results, arm), fit_values(results, best))[1] != "worse"]
+    return min(tied, key=lambda arm: mean_of(results, arm, "train_macs"))
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for arm, entry in results["arms"].items():
+        per_seed = entry["per_seed"]
+        dense = [row["dense_accuracy"] for row in per_seed]
+        rows.append([arm, "-" if None in dense else mean_std(dense), mean_std(fit_values(results, arm)),
+                     f"{mean_of(results, arm, 'train_macs') / 1e12:.2f}",
+                     f"{mean_of(results, arm, 'seconds') / 60:.1f}"])
+    return rows
+
+
+def comparisons(results: dict) -> list[tuple[str, str, str]]:
+    """Paired differences of every arm's fit network against the baselines, and of every dense
+    network against the long arm's: (what, difference, verdict)."""
+    lines = []
+    for baseline in (name for name in BASELINES if name in results["arms"]):
+        for arm in results["arms"]:
+            if arm != baseline:
+                difference, verdict = paired(fit_values(results, arm), fit_values(results, baseline))
+                lines.append((f"{arm} fit − {baseline}", difference, verdict))
+    if "long" in results["arms"]:
+        for arm in results["arms"]:
+            if arm != "long" and mean_of(results, arm, "dense_accuracy") is not None:
+                dense = [row["dense_accuracy"] for row in results["arms"][arm]["per_seed"]]
+                long = [row["dense_accuracy"] for row in results["arms"]["long"]["per_seed"]]
+                lines.append((f"{arm} dense − long dense", *paired(dense, long)))
+    return lines
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """The recommendation and the moonshot's conditions, said plainly."""
+    chosen = results["recommended"]
+    arms, lines = results["arms"], []
+    fit = mean_of(results, chosen, "fit_accuracy")
+    lines.append(f"Recommended: **{chosen}** (fit {100 * fit:.1f}%, {mean_of(results, chosen, 'train_macs') / 1e12:.2f} "
+                 "TMACs of training): the cheapest arm whose fit network is not worse, beyond two standard errors, "
+                 "than the best mean fit.")
+    for baseline in (name for name in BASELINES if name in arms and name != chosen):
+        difference, verdict = paired(fit_values(results, chosen), fit_values(results, baseline))
+        cost = mean_of(results, chosen, "train_macs") / mean_of(results, baseline, "train_macs")
+        lines.append(f"{chosen} against {baseline}: {difference} points, {verdict}; at {cost:.2f}x its training MACs.")
+    return lines
+
+
+def write_chart(path: Path, results: dict, title: str) -> None:
+    """Fit accuracy (and dense, where an arm has one) against training cost, mean ± std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 5.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for index, arm in enumerate(results["arms"]):
+        cost = mean_of(results, arm, "train_macs") / 1e12
+        for key, marker, filled in (("fit_accuracy", "o", True), ("dense_accuracy", "s", False)):
+            values = [row[key] for row in results["arms"][arm]["per_seed"]]
+            if None in values:
+                continue
+            mean = 100 * statistics.fmean(values)
+            spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+            colour = f"C{index % 10}"
+            axes.errorbar(cost, mean, yerr=spread, fmt=marker, color=colour, capsize=3,
+                          markerfacecolor=colour if filled else "white", label=arm if key == "fit_accuracy" else None)
+            if key == "fit_accuracy":
+                axes.annotate(arm, (cost, mean), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    axes.set_xlabel("training cost (TMACs, forward and backward; teachers included)")
+    axes.set_ylabel("test accuracy (%): ● fit network, □ dense network")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    with atomic_path(path) as target:
+        figure.savefig(target, format="png", dpi=110)
+
+
+def section(name: str, measured: dict) -> list[str]:
+    """docs/results.md's part for one data set."""
+    settings, results = measured["settings"], measured["results"]
+    data = (f"ImageFolder `{Path(settings['data']).name}` ({settings['augment']} augmentation)" if settings["data"]
+            else "the bundled 8x8 digits")
+    images = f"{settings['per_class']} training images a class" if settings["per_class"] else "all training images"
+    noise = f", {settings['label_noise']:.0%} of the training labels replaced by another class" \
+        if settings["label_noise"] else ""
+    return [
+        f"## {name}",
+        "",
+        f"{data} at {settings['image_size']} px, {images} ({measured['training_images']}){noise}; a fixed test set of "
+        f"{measured['test_images']} images. {settings['arch']}, {settings['split'].upper()} at rate {settings['rate']}; "
+        f"{settings['generations']} generations of {settings['epochs']} epochs, or one run of "
+        f"{settings['generations'] * settings['epochs']}; SGD lr {settings['lr']}, cosine, batch {settings['batch_size']}, "
+        f"label smoothing {settings['label_smoothing']}; {len(measured['seeds'])} seeds. Measured "
+        f"{measured['date']} on {measured['machine']}. Command: `{measured['command']}`.",
+        "",
+        "Test accuracy (%), mean ± std over the seeds; training cost in TMACs (10¹² multiply-accumulates) and "
+        "minutes per seed (one worker thread on the CPU):",
+        "",
+        *markdown_table(["arm", "dense network", "fit network", "training TMACs", "minutes"], table_rows(results)),
+        "Paired differences per seed, in points (mean ± std, then each seed's), and whether beyond two standard errors:",
+        "",
+        *[f"- {what}: {difference}: {verdict}" for what, difference, verdict in comparisons(results)],
+        "",
+        *[f"- {line}" for line in verdict_lines(results)],
+        "",
+        f"![accuracy against training cost, {name}](scoreboard/{name}.png)",
+        "",
+    ]
+
+
+def write_results_md(path: Path, measured_dir: Path) -> None:
+    """docs/results.md from every data set measured so far, in DATA_SETS's order, then the others."""
+    measured = {}
+    for file in sorted(measured_dir.glob("*.json")):
+        written = json.loads(file.read_text())
+        measured[file.stem] = {**written["measured"], "results": {key: written[key] for key in ("arms", "recommended")}}
+    order = [name for name in DATA_SETS if name in measured] + [name for name in measured if name not in DATA_SETS]
+    missing = [name for name in DATA_SETS if name not in measured]
+    lines = [
+        "# The scoreboard: which recipe gives the best slim network on small data",
+        "",
+        "Every arm trains for the same total epochs on the same images, seed by seed "
+        "(`benchmarks/scoreboard.py` says what each arm is and how its cost is counted). The fit network "
+        "of a KE arm is the slim network cut out of the dense one, its BatchNorm statistics re-estimated; "
+        "the small-* arms train a network of the fit's shape directly. A difference counts only beyond "
+        "two standard errors of the per-seed paired differences. The paper's setting, for whoever has a GPU: "
+        f"`{PAPER_SETTING}`.",
+        "",
+    ]
+    for name in order:
+        lines += section(name, measured[name])
+    if missing:
+        lines += ["## Not measured yet", "", *[f"- {name}: `{DATA_SETS[name]}`" for name in missing], ""]
+    write_report(path, lines)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_small_data_options(parser)
+    parser.add_argument("--name", default=None,
+                        help="the data set's name in docs/results.md (default: digits or the folder's name, "
+                             "-noiseNN with label noise)")
+    parser.add_argument("--split", choices=("kels", "wels"), default="kels")
+    parser.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of the split)")
+    parser.add_argument("--image-size", type=at_least(1), default=32)
+    parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels made wrong")
+    parser.add_argument("--generations", type=at_least(2), default=5, help="generations G")
+    parser.add_argument("--epochs", type=at_least(1), default=12, help="epochs per generation E")
+    parser.add_argument("--rate", type=float, default=RunConfig.rate, help="split rate")
+    parser.add_argument("--seeds", type=at_least(2), default=5, help="number of seeds (0, 1, ...)")
+    add_training_options(parser)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/scoreboard"), help="finished jobs are kept here")
+    parser.add_argument("--out-dir", type=Path, default=DOCS, help="where results.md and scoreboard/ go")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    if not 0 <= args.label_noise < 1:
+        parser.error(f"--label-noise must be in [0, 1), got {args.label_noise}")
+    every = KELS_ARMS if args.split == "kels" else WELS_ARMS
+    args.arms = [arm.strip() for arm in args.arms.split(",")] if args.arms else list(every)
+    if unknown := [arm for arm in args.arms if arm not in every]:
+        parser.error(f"--arms: {', '.join(unknown)} not arms of --split {args.split}; choose from {', '.join(every)}")
+    args.seeds = list(range(args.seeds))
+    args.workers = args.workers or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
+    data_name = Path(args.data).name if args.data else "digits"
+    args.name = args.name or data_name + (f"-noise{round(100 * args.label_noise)}" if args.label_noise else "")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    # What makes a job the same job (and names its file): every option but where and how many run.
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name")}
+    settings.update(data=str(Path(args.data).resolve()) if args.data else None,
+                    augment=(args.augment or default_augmentation(args.image_size)) if args.data else None,
+                    threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
+                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
+    check_rate(args.rate)  # a bad setting or data set fails here, in one line
+    seed_data(settings, 0)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    jobs = run_jobs(args.arms, args.seeds, settings, args.work_dir, args.workers)
+    results = results_json(jobs, args.arms, args.seeds)
+    results["recommended"] = recommend(results)
+    first = jobs[args.arms[0], args.seeds[0]]
+    measured = {"results": results, "settings": settings, "seeds": args.seeds,
+                "command": shlex.join(["python", "benchmarks/scoreboard.py", *argv]),
+                "machine": machine_line(machine()), "date": datetime.date.today().isoformat(),
+                "training_images": first["training_images"], "test_images": first["test_images"]}
+    from rich.console import Console
+
+    console = Console(width=160)
+    console.print(rich_table(f"{args.name}: test accuracy %, mean ± std over {len(args.seeds)} seeds",
+                             ["arm", "dense network", "fit network", "training TMACs", "minutes"], table_rows(results)))
+    for what, difference, verdict in comparisons(results):
+        console.print(f"{what}: {difference}: {verdict}")
+    for line in verdict_lines(results):
+        console.print(line.replace("**", ""))
+
+    scoreboard = args.out_dir / "scoreboard"
+    scoreboard.mkdir(parents=True, exist_ok=True)
+    save_json({**results, "measured": {key: value for key, value in measured.items() if key != "results"}},
+              scoreboard / f"{args.name}.json")
+    if args.json:
+        save_json(results, args.json)
+    write_chart(scoreboard / f"{args.name}.png", results, f"{args.name}: {settings['arch']}, "
+                f"{args.split.upper()} {args.rate}, {args.generations}x{args.epochs} epochs, {len(args.seeds)} seeds")
+    write_results_md(args.out_dir / "results.md", scoreboard)
+    console.print(f"wrote {args.out_dir / 'results.md'} and {scoreboard / args.name}.json/.png "
+                  f"({(time.perf_counter() - started) / 60:.0f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script("scoreboard", main))
