@@ -60,8 +60,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     """The :class:`~kecompress.Evolution` of ``config`` on these data sets, ready to ``run()``.
 
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
-    ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
-    from ``config.seed``, with ``config.weights`` loaded into it (:func:`~kecompress.weights.load_weights`:
+    ``config.model`` (an architecture name, torchvision's or ``timm:NAME``, or a model file) for the
+    data's classes and image size, seeded from ``config.seed``, with ``config.weights`` loaded into it (:func:`~kecompress.weights.load_weights`:
     a classifier of another size is re-initialised, with a ``WeightsNote`` warning); the split is drawn (or, resuming,
     read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``; the
     forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
@@ -82,7 +82,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         config = replace(config, num_classes=len(classes), classes=list(classes),
                          image_size=example_inputs.shape[-1], world_size=distributed.world_size())
         torch.manual_seed(config.seed)
-        model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file,
+                              image_size=config.image_size)
         if config.weights:
             load_weights(model, config.weights)
         forgetting = for_model(from_settings(config.forget), model)
