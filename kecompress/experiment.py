@@ -36,6 +36,7 @@ from .files import remove_stale_temporaries
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
+from .slim import slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
 
@@ -103,6 +104,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             return run_dir.read_split()
         new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed,
                                align=config.align)
+        if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
+            slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split
