@@ -9,15 +9,7 @@ from kecompress import KecompressError
 from kecompress.attention import qkv_heads
 from kecompress.split import _channel_blocks, _mark_reset, kels_groups, trace_dependency_graph
 
-from conftest import MORE_ARCHS, REQUIRED_ARCHS, build, example_input, randomise_batchnorm
-
-
-def zero_reset_hypothesis(model, s):
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in masked.named_parameters():
-            param.mul_(s.masks[name])
-    return masked
+from conftest import MORE_ARCHS, REQUIRED_ARCHS, build, example_input, randomise_batchnorm, zero_reset_hypothesis
 
 
 @pytest.mark.parametrize("name", REQUIRED_ARCHS + MORE_ARCHS)

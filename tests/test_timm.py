@@ -6,7 +6,6 @@ split's consistency is checked with every LayerNorm replaced by an identity, whi
 slice to exactly the masked network, and the difference LayerNorm makes is measured.
 """
 
-import copy
 import json
 import sys
 
@@ -15,13 +14,12 @@ import torch
 import torch.nn as nn
 
 import kecompress
-from kecompress import KecompressError
 from kecompress.cli import main
 from kecompress.config import RunConfig
 from kecompress.models import build_model, resolve_model
 from kecompress.rundir import RunDirectory, load_fit, save_fit
 
-from conftest import randomise_batchnorm
+from conftest import error, randomise_batchnorm, zero_reset_hypothesis
 
 timm = pytest.importorskip("timm")
 
@@ -30,23 +28,6 @@ SIZE = 32
 
 def create(name, **options):
     return timm.create_model(name, pretrained=False, num_classes=10, **options)
-
-
-def error(call, *args, **kwargs):
-    with pytest.raises(KecompressError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
-
-
-def masked(model, split):
-    """The dense network with the reset hypothesis zeroed."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.mul_(split.masks[name])
-    return model
 
 
 def without_layernorm(model):
@@ -64,7 +45,7 @@ def sliced_and_masked(model, rate=0.5):
     split = kecompress.split(model, "kels", rate, example_inputs=x[:1])
     fit = kecompress.slice_fit(model, split, example_inputs=x[:1])
     with torch.no_grad():
-        return fit(x), masked(model, split)(x), split, fit
+        return fit(x), zero_reset_hypothesis(model, split)(x), split, fit
 
 
 def relative_difference(got, expected):
