@@ -294,6 +294,7 @@ def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_
     if run_dir.is_run():
         dense, the_split, config = run_dir.load(trust_file=trust_model_file)
         input_shape = (3, image_size or config.image_size, image_size or config.image_size)
+        output_features(dense, torch.zeros(1, *input_shape))  # a clear error at a size the model does not take
         if the_split.method != "kels":
             slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
         dense_for_fit = None if config.arch else run_dir.build_dense(config, trust_model_file)
@@ -465,6 +466,7 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         config = run_dir.read_config()
         dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
         size = image_size or config.image_size
+        output_features(dense, torch.zeros(1, 3, size, size))  # a clear error at a size the model does not take
         records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
         run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
         if records:

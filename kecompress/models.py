@@ -129,12 +129,9 @@ def build_timm_model(name: str, num_classes: int, image_size: int | None = None)
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
     except Exception as error:  # timm reports a bad setting by many exception types
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise KecompressError(f"timm cannot build {name} for {num_classes} classes{_size_note(options)} "
-                              f"({reason}): choose another model or input size") from None
-
-
-def _size_note(options: dict) -> str:
-    return f" and {options['img_size']} px images" if "img_size" in options else ""
+        size = f" and {options['img_size']} px images" if options else ""
+        raise KecompressError(f"timm cannot build {name} for {num_classes} classes{size} ({reason}): "
+                              "choose another model or input size") from None
 
 
 def _import_timm(name: str):
@@ -320,7 +317,7 @@ def output_features(model: nn.Module, example_input: torch.Tensor) -> int:
     except Exception as error:  # a shape or dtype mismatch surfaces as any of several types
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise KecompressError(f"the model cannot run on inputs of shape {tuple(example_input.shape[1:])} "
-                              f"({reason}): pick an --image-size the architecture accepts, "
+                              f"({reason}): pick an --image-size (--input-size) the architecture accepts, "
                               "e.g. 224") from error
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

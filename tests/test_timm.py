@@ -175,6 +175,9 @@ def test_evolve_a_timm_vit_on_small_images_then_resume_and_export_it(tmp_path, c
     import onnxruntime as ort
     session = ort.InferenceSession(str(out / "onnx" / "fit.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [1, 3, SIZE, SIZE]
+    capsys.readouterr()
+    assert main(["info", str(out), "--input-size", "24"]) == 2  # not a whole number of its 16 px patches
+    assert "cannot run on inputs of shape (3, 24, 24)" in capsys.readouterr().err
 
 
 def test_info_of_an_untrained_timm_model(capsys):
