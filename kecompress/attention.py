@@ -69,14 +69,16 @@ def qkv_heads(model: nn.Module) -> dict[nn.Linear, int]:
     return heads
 
 
-def check_attention_group(group, qkv_blocks: dict, layer: str) -> None:
-    """Refuse a coupled group whose channels meet as attention heads, unless it holds the outputs
-    of a qkv projection :func:`qkv_heads` accepted: its heads would be split blindly.
+def check_attention_group(graph, group, qkv_blocks: dict, layer: str) -> None:
+    """Refuse a coupled group of torch-pruning's ``graph`` whose channels meet as attention heads,
+    unless it holds the outputs of a qkv projection :func:`qkv_heads` accepted: its heads would be
+    split blindly.
 
     Example:
-        >>> check_attention_group(type("Group", (), {"items": []})(), {}, "fc")  # no attention: nothing to refuse
+        >>> check_attention_group(None, type("Group", (), {"items": []})(), {}, "fc")  # no attention: nothing to refuse
     """
-    if any(item.dep.target.module in qkv_blocks for item in group.items):
+    if any(item.dep.target.module in qkv_blocks and graph.is_out_channel_pruning_fn(item.dep.handler)
+           for item in group.items):
         return
     for item in group.items:
         operation = getattr(item.dep.target.module, "_grad_fn", None) or type(item.dep.target.module).__name__

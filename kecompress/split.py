@@ -408,7 +408,7 @@ def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1):
     for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
         if _reaches_output(graph, group, output_layers):
             continue
-        check_attention_group(group, qkv_blocks, _layer_name(graph, group.items[0].dep.target.module))
+        check_attention_group(graph, group, qkv_blocks, _layer_name(graph, group.items[0].dep.target.module))
         channels = len(group.items[0].idxs)
         yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels, qkv_blocks), align)
 
@@ -442,7 +442,7 @@ def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor])
         if len(kept) == channels:
             continue
         layer = _layer_name(graph, group.items[0].dep.target.module)
-        check_attention_group(group, qkv_blocks, layer)
+        check_attention_group(graph, group, qkv_blocks, layer)
         if _reaches_output(graph, group, output_layers):
             raise KecompressError(f"the split resets output channels of layer '{layer}', which are the model's "
                                   "outputs: they stay whole in a KELS fit; keep them in the fit")
@@ -622,7 +622,8 @@ def _channel_votes(graph, group, masks, name_of) -> tuple[dict, tuple | None]:
     odd_in_fit = len(keeps[first]) < len(resets[first])  # the fewer voters are the odd ones out
     odd, others = (keeps, resets) if odd_in_fit else (resets, keeps)
     name, side, own, roots, kept = next(vote for vote in votes if vote[0] in odd[first] and first in vote[3])
-    channels = [channel for channel, root, in_fit in zip(own, roots, kept) if root in contested and in_fit == odd_in_fit]
+    channels = [channel for channel, root, in_fit in zip(own, roots, kept)
+                if root in contested and in_fit == odd_in_fit]
     coupled = ", ".join(f"'{other}'" for other in sorted(others[first])[:3])
     return resets, (name, side, channels, coupled, odd_in_fit)
 

@@ -57,7 +57,8 @@ def relative_difference(got, expected):
 def test_a_timm_name_builds_an_untrained_model_for_the_classes(monkeypatch):
     calls = []
     create_model = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda *args, **kwargs: calls.append(kwargs) or create_model(*args, **kwargs))
+    monkeypatch.setattr(timm, "create_model",
+                        lambda *args, **kwargs: calls.append(kwargs) or create_model(*args, **kwargs))
     model = build_model("timm:resnet10t", num_classes=7)
     assert calls == [{"pretrained": False, "num_classes": 7}]  # never a download
     assert isinstance(model, timm.models.ResNet) and model.fc.out_features == 7
