@@ -62,14 +62,15 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
 
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
     ``config.model`` (an architecture name, torchvision's or ``timm:NAME``, or a model file) for the
-    data's classes and image size, seeded from ``config.seed``, with ``config.weights`` loaded into it
-    (:func:`~kecompress.weights.load_weights`: a classifier of another size is re-initialised, with a
-    ``WeightsNote`` warning); the split is drawn (or, resuming, read from ``run_dir``), and a new KELS
-    split is cut once to refuse a model whose fit network cannot be cut out before any training; the loss is cross-entropy with ``config.label_smoothing``; the
-    forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
-    ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
-    the directory holds this run, then continues from its last checkpoint. The returned loop's
-    ``run_config`` is ``config`` completed (classes, image size, processes, LLF's start).
+    data's classes and image size, seeded from ``config.seed``, with ``config.weights`` loaded into
+    it (:func:`~kecompress.weights.load_weights`: a classifier of another size is re-initialised,
+    with a ``WeightsNote`` warning); the split is drawn (or, resuming, read from ``run_dir``), and a
+    new KELS split is cut once to refuse a model whose fit network cannot be cut out before any
+    training; the loss is cross-entropy with ``config.label_smoothing``; the forgetting strategy is
+    ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With ``run_dir`` a new run
+    refuses a directory that holds anything, and ``resume`` checks that the directory holds this
+    run, then continues from its last checkpoint. The returned loop's ``run_config`` is ``config``
+    completed (classes, image size, processes, LLF's start).
 
     Example:
         >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
