@@ -76,7 +76,7 @@ def app():
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="ImageFolder directory (train/ and val/, or class folders); absent: the bundled 8x8 digits")
 @click.option("--num-classes", type=POSITIVE, default=None,
-              help="classes of a torchvision architecture (default: inferred from the data)")
+              help="classes of an architecture built by name (default: inferred from the data)")
 @click.option("--image-size", type=IMAGE_SIZE, default=None, help="input size (default 224, 32 for the demo data)")
 @click.option("--val-fraction", type=FRACTION, default=0.2, help="held-out fraction when --data has no val/")
 @click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
@@ -147,6 +147,9 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
            distill_label_weight, distill_start, finetune_fit, device, precision, channels_last, compile_model,
            tensorboard, weights, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
+
+    MODEL is a torchvision architecture name (resnet18), a timm model as timm:NAME (timm:resnet18d;
+    pip install 'kecompress[timm]'), or a .pt file holding a whole model.
 
     For a slim network, measured in docs/distillation.md: KE's fit alone lost to the fit-sized
     network trained from scratch; with --finetune-fit E (E epochs, distilled from the dense
@@ -291,13 +294,14 @@ def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_
     if run_dir.is_run():
         dense, the_split, config = run_dir.load(trust_file=trust_model_file)
         input_shape = (3, image_size or config.image_size, image_size or config.image_size)
+        output_features(dense, torch.zeros(1, *input_shape))  # a clear error at a size the model does not take
         if the_split.method != "kels":
             slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
         dense_for_fit = None if config.arch else run_dir.build_dense(config, trust_model_file)
         fit = load_fit(run_dir.fit_file, dense=dense_for_fit)
         return dense, fit, input_shape, the_split
-    dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
     size = image_size or 224
+    dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file, image_size=size).eval()
     input_shape = (3, size, size)
     example = torch.zeros(1, *input_shape)
     output_features(dense, example)  # a clear error when the model does not take this input
@@ -313,7 +317,7 @@ def _model_options(command):
         click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1] of an untrained model"),
         click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP + " (an untrained model)"),
         click.option("--num-classes", type=POSITIVE, default=None,
-                     help="outputs of a torchvision architecture [default: 1000]"),
+                     help="outputs of an architecture built by name [default: 1000]"),
         click.option("--input-size", "image_size", type=IMAGE_SIZE, default=None,
                      help="input height and width [default: the run's, or 224]"),
         click.option("--trust-model-file", is_flag=True, help=TRUST_HELP),
@@ -359,7 +363,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
            trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
-    SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
+    SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
     With --int8 also dense.int8.onnx and fit.int8.onnx; of a run, the INT8 fit's accuracy is checked first.
     """
     _refuse_torchrun("export")
@@ -430,7 +434,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporte
           calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
-    SOURCE is a finished run directory, a torchvision architecture name, or a .pt model file.
+    SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
     Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency; with --int8
     also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
     """
@@ -455,21 +459,22 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
     """What a split does before any training: kept channels per layer, coupled groups, parameters and
     MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
 
-    SOURCE is a run directory (finished or not), a torchvision architecture name, or a .pt model file.
+    SOURCE is a run directory (finished or not), a torchvision architecture name, timm:NAME, or a .pt model file.
     """
     run_dir = RunDirectory(source)
     if run_dir.is_run():
         config = run_dir.read_config()
         dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
         size = image_size or config.image_size
+        output_features(dense, torch.zeros(1, 3, size, size))  # a clear error at a size the model does not take
         records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
         run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
         if records:
             last = records[-1]
             run["last generation"] = f"{last.generation}: dense {last.metric} {last.dense:.4f}, fit {last.fit:.4f}"
     else:
-        dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file).eval()
         size = image_size or 224
+        dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file, image_size=size).eval()
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
         the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
         run = {}

@@ -74,7 +74,7 @@ class RunConfig:
         ('resnet18', True)
     """
 
-    model: str | None = None  # a torchvision architecture name or a model file; None: a model from Python
+    model: str | None = None  # an architecture name (torchvision's, or timm:NAME) or a model file; None: from Python
     num_classes: int | None = None
     weights: str | None = None  # a state dict loaded into the model before the split; None: random init
     classes: list[str] | None = None
@@ -108,7 +108,7 @@ class RunConfig:
 
     @property
     def arch(self) -> str | None:
-        """The torchvision architecture, or None when the model came from a file or from Python."""
+        """The architecture name (torchvision's, or timm:NAME); None for a model from a file or from Python."""
         return self.model if self.model and not is_model_file(self.model) else None
 
     def to_json(self) -> dict:

@@ -36,6 +36,7 @@ from .files import remove_stale_temporaries
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
+from .slim import slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
 
@@ -60,14 +61,16 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     """The :class:`~kecompress.Evolution` of ``config`` on these data sets, ready to ``run()``.
 
     The data are ``(train_set, val_set, classes)``, by default :func:`load_data`'s. The model is
-    ``config.model`` (a torchvision architecture or a model file) for the data's classes, seeded
-    from ``config.seed``, with ``config.weights`` loaded into it (:func:`~kecompress.weights.load_weights`:
-    a classifier of another size is re-initialised, with a ``WeightsNote`` warning); the split is drawn (or, resuming,
-    read from ``run_dir``); the loss is cross-entropy with ``config.label_smoothing``; the
-    forgetting strategy is ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With
-    ``run_dir`` a new run refuses a directory that holds anything, and ``resume`` checks that
-    the directory holds this run, then continues from its last checkpoint. The returned loop's
-    ``run_config`` is ``config`` completed (classes, image size, processes, LLF's start).
+    ``config.model`` (an architecture name, torchvision's or ``timm:NAME``, or a model file) for the
+    data's classes and image size, seeded from ``config.seed``, with ``config.weights`` loaded into
+    it (:func:`~kecompress.weights.load_weights`: a classifier of another size is re-initialised,
+    with a ``WeightsNote`` warning); the split is drawn (or, resuming, read from ``run_dir``), and a
+    new KELS split is cut once to refuse a model whose fit network cannot be cut out before any
+    training; the loss is cross-entropy with ``config.label_smoothing``; the forgetting strategy is
+    ``config.forget``'s (:func:`kecompress.forgetting.from_settings`). With ``run_dir`` a new run
+    refuses a directory that holds anything, and ``resume`` checks that the directory holds this
+    run, then continues from its last checkpoint. The returned loop's ``run_config`` is ``config``
+    completed (classes, image size, processes, LLF's start).
 
     Example:
         >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
@@ -82,7 +85,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         config = replace(config, num_classes=len(classes), classes=list(classes),
                          image_size=example_inputs.shape[-1], world_size=distributed.world_size())
         torch.manual_seed(config.seed)
-        model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file)
+        model = resolve_model(config.model, num_classes, trust_file=config.trust_model_file,
+                              image_size=config.image_size)
         if config.weights:
             load_weights(model, config.weights)
         forgetting = for_model(from_settings(config.forget), model)
@@ -102,6 +106,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             return run_dir.read_split()
         new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed,
                                align=config.align)
+        if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
+            slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split

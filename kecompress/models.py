@@ -1,4 +1,5 @@
-"""Getting a model: a torchvision architecture by name, or a whole-module file loaded safely.
+"""Getting a model: a torchvision architecture by name, a timm one as ``timm:NAME``, or a
+whole-module file loaded safely.
 
 A file written by ``torch.save(model)`` is a pickle, and unpickling can run any code the file
 names. :func:`load_model_file` therefore loads with ``weights_only=True`` and an allowlist of
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import pickle
 import re
 import sys
@@ -23,6 +25,8 @@ from .errors import KecompressError
 from .evaluation import eval_mode
 
 MODEL_FILE_SUFFIXES = (".pt", ".pth")
+TIMM_PREFIX = "timm:"
+TIMM_INSTALL = "pip install 'kecompress[timm]'"
 
 # The packages whose nn.Module subclasses a whole-module file may name without being trusted.
 _SAFE_MODULE_PACKAGES = ("torch.nn.modules", "torchvision.models", "torchvision.ops")
@@ -46,13 +50,15 @@ def classification_architectures() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier; never downloads weights.
+def build_model(arch: str, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """A randomly initialised classifier, torchvision's or timm's; never downloads weights.
 
     Args:
         arch: a name from ``torchvision.models.list_models(module=torchvision.models)``,
-            e.g. ``"resnet18"``.
+            e.g. ``"resnet18"``, or ``"timm:NAME"`` for a timm model (:func:`build_timm_model`).
         num_classes: the number of outputs (classes) of the final layer.
+        image_size: the input's height and width, for timm models built for one size only
+            (vision transformers); torchvision's are built as they are.
 
     Raises:
         KecompressError: an unknown architecture (with close matches) or a bad class count.
@@ -64,6 +70,8 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise KecompressError(f"num_classes must be a positive integer, got {num_classes!r}: "
                               "pass the number of classes in the data, e.g. 10")
+    if arch.startswith(TIMM_PREFIX):
+        return build_timm_model(arch[len(TIMM_PREFIX):], num_classes, image_size)
     known = classification_architectures()
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=4, cutoff=0.5)
@@ -71,9 +79,66 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         raise KecompressError(
             f"unknown architecture {arch!r}: {hint}any name from "
             "torchvision.models.list_models(module=torchvision.models) is accepted, e.g. resnet18, "
-            "or a .pt/.pth file holding a whole model")
+            f"a timm model as {TIMM_PREFIX}NAME, or a .pt/.pth file holding a whole model")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
                                         **_ARCH_OPTIONS.get(arch, {}))
+
+
+def build_timm_model(name: str, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """A randomly initialised timm classifier: ``timm.create_model(name, pretrained=False, ...)``.
+
+    timm is an optional dependency (``pip install 'kecompress[timm]'``). A model that timm
+    builds for one input size only (``fixed_input_size`` in its configuration: the vision
+    transformers, whose position embedding has one entry a patch) is built for ``image_size``
+    when that differs from its default.
+
+    Args:
+        name: a name from ``timm.list_models()``, e.g. ``"resnet18d"``, without a pretrained tag.
+        num_classes: the number of outputs (classes) of the classifier.
+        image_size: the input's height and width (None: the model's default).
+
+    Raises:
+        KecompressError: timm is not installed, the name is unknown (with close matches) or
+            carries a pretrained tag, or timm cannot build the model with these settings.
+
+    Example:
+        >>> build_timm_model("resnet10t", num_classes=5).fc.out_features
+        5
+        >>> build_timm_model("vit_tiny_patch16_224", num_classes=5, image_size=32).patch_embed.img_size
+        (32, 32)
+    """
+    if not name:
+        raise KecompressError(f"{TIMM_PREFIX} names no model: add a name from timm.list_models(), "
+                              f"e.g. {TIMM_PREFIX}resnet18d")
+    timm = _import_timm(name)
+    if "." in name:
+        raise KecompressError(f"{TIMM_PREFIX}{name} names pretrained weights (the tag after the dot); kecompress "
+                              f"builds timm models untrained: drop the tag, e.g. {TIMM_PREFIX}{name.split('.')[0]}")
+    if not timm.is_model(name):
+        # Names that start with it (a family), else contain it, else are spelt alike.
+        close = (timm.list_models(f"{name}*") or timm.list_models(f"*{name}*"))[:4] \
+            or difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + candidate for candidate in close)}? " if close else ""
+        raise KecompressError(f"unknown timm model {name!r}: {hint}any name from timm.list_models() is accepted, "
+                              f"e.g. {TIMM_PREFIX}resnet18d")
+    options = {}
+    config = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    if image_size and config is not None and config.fixed_input_size and config.input_size[-1] != image_size:
+        options["img_size"] = image_size
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+    except Exception as error:  # timm reports a bad setting by many exception types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        size = f" and {options['img_size']} px images" if options else ""
+        raise KecompressError(f"timm cannot build {name} for {num_classes} classes{size} ({reason}): "
+                              "choose another model or input size") from None
+
+
+def _import_timm(name: str):
+    try:
+        return importlib.import_module("timm")
+    except ImportError:
+        raise KecompressError(f"{TIMM_PREFIX}{name} needs timm, which is not installed: {TIMM_INSTALL}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,7 +262,7 @@ def _as_model(loaded, path: Path) -> nn.Module:
 
 def is_model_file(spec: str) -> bool:
     """Whether a model argument names a file (an existing path, or ``.pt``/``.pth``) rather
-    than a torchvision architecture.
+    than an architecture (torchvision's, or timm's as ``timm:NAME``).
 
     Example:
         >>> is_model_file("resnet18"), is_model_file("net.pt")
@@ -206,14 +271,19 @@ def is_model_file(spec: str) -> bool:
     return Path(spec).exists() or spec.endswith(MODEL_FILE_SUFFIXES)
 
 
-def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False) -> nn.Module:
-    """A model from a command-line style spec: a model file, or a torchvision architecture name.
+def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False,
+                  image_size: int | None = None) -> nn.Module:
+    """A model from a command-line style spec: a model file, a torchvision architecture name, or
+    ``timm:NAME``.
 
     A spec that is an existing path or ends in ``.pt``/``.pth`` is loaded with
-    :func:`load_model_file`; anything else is built with :func:`build_model`.
+    :func:`load_model_file`; anything else is built with :func:`build_model` (for
+    ``image_size``, see there).
 
     Example:
         >>> resolve_model("resnet18", num_classes=3).fc.out_features
+        3
+        >>> resolve_model("timm:resnet10t", num_classes=3).fc.out_features
         3
     """
     if is_model_file(spec):
@@ -221,7 +291,7 @@ def resolve_model(spec: str, num_classes: int | None, trust_file: bool = False) 
     if num_classes is None:
         raise KecompressError(f"building {spec!r} needs the number of classes: pass --num-classes "
                               "or data to infer it from")
-    return build_model(spec, num_classes)
+    return build_model(spec, num_classes, image_size)
 
 
 def output_features(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -247,7 +317,7 @@ def output_features(model: nn.Module, example_input: torch.Tensor) -> int:
     except Exception as error:  # a shape or dtype mismatch surfaces as any of several types
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise KecompressError(f"the model cannot run on inputs of shape {tuple(example_input.shape[1:])} "
-                              f"({reason}): pick an --image-size the architecture accepts, "
+                              f"({reason}): pick an --image-size (--input-size) the architecture accepts, "
                               "e.g. 224") from error
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

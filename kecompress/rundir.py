@@ -9,7 +9,7 @@
     dense.pt        the final dense model's state_dict (the architecture is in config.json)
     fit.pt          the final fit network (KELS; fine-tuned, when asked): a recipe (architecture and the fit
                     channels of every parameter) plus weights, rebuilt and re-sliced on load
-    source_model.pt the whole model the run started from, when it is no torchvision architecture
+    source_model.pt the whole model the run started from, when it is no architecture built by name
     onnx/           ``kecompress export``'s ONNX files
 
 The command line and the Python API (:class:`~kecompress.Evolution` with ``run_dir``) write the
@@ -75,7 +75,7 @@ class RunDirectory:
     # -- the start: configuration, split, the model it started from ---------------------------
     def start(self, config: RunConfig, split: Split, source_model: str | Path | nn.Module | None = None) -> None:
         """Create the directory and write the configuration, the split and, for a model that is
-        no torchvision architecture, the model it starts from (a file is copied, a module saved whole).
+        no architecture built by name, the model it starts from (a file is copied, a module saved whole).
 
         Example:
             >>> # RunDirectory("runs/a").start(config, split, model)
@@ -240,7 +240,7 @@ class RunDirectory:
             10
         """
         if config.arch:
-            return build_model(config.arch, config.num_classes)
+            return build_model(config.arch, config.num_classes, config.image_size)
         if not self.source_model_file.is_file():
             raise KecompressError(f"{self.path} records no architecture and holds no {self.SOURCE_MODEL}: "
                                   "it was written by a Python run of an earlier version; rebuild its model in Python")
@@ -310,7 +310,7 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
     Args:
         path: the ``fit.pt`` file.
         dense: the dense architecture, needed only when the run started from a model file
-            rather than a torchvision architecture name (its weights do not matter).
+            rather than an architecture name (its weights do not matter).
 
     Example:
         >>> # fit = load_fit("runs/demo/fit.pt")
@@ -327,7 +327,7 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
     if dense is None:
         if not recipe["arch"]:
             raise KecompressError(f"{path} was cut from a model file: pass its dense model to load_fit")
-        dense = build_model(recipe["arch"], recipe["num_classes"])
+        dense = build_model(recipe["arch"], recipe["num_classes"], recipe["input_shape"][-1])
     example = torch.zeros(1, *recipe["input_shape"])
     if recipe["format"] == FIT_FORMAT:
         shapes = {name: param.shape for name, param in dense.named_parameters()}

@@ -11,10 +11,12 @@ import torch.nn as nn
 from torch.optim.swa_utils import update_bn
 
 from . import distributed
+from .attention import resize_heads
 from .config import FIT_BATCHNORM
 from .errors import KecompressError
+from .evaluation import eval_mode
 from .seeds import batchnorm_seed, rank_seed, seed_loader
-from .split import Split, groups_from_masks, kept_indices, trace_dependency_graph
+from .split import Split, default_example_inputs, groups_from_masks, kept_indices, trace_dependency_graph
 
 
 def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
@@ -41,7 +43,8 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
     Raises:
         KecompressError: a WELS split (sparse, not slim), a split of another model, a mask that
             is not whole channels or disagrees with the layers coupled to it (naming the layer and
-            the channels), or a model the dependency graph cannot handle.
+            the channels), a model the dependency graph cannot handle, or a cut network that does not
+            run on ``example_inputs`` (a layer with a channel count of its own).
 
     Example:
         >>> import torch, torchvision, kecompress
@@ -62,14 +65,32 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
             raise KecompressError(f"the split's mask of '{name}' does not keep whole channels, so no slim network "
                                   "computes it: a KELS mask keeps every entry of a kept channel and none of a reset one")
     fit = copy.deepcopy(model)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
     graph = trace_dependency_graph(fit, example_inputs)
     # Every group is read before any is cut: the masks number the channels of the uncut model.
     cuts = [(group.items[0], [channel for channel in range(len(group.items[0].idxs)) if channel not in kept])
             for group, kept in groups_from_masks(graph, split.masks)]
     for root, reset in cuts:
         graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
+    resize_heads(fit)
     _check_cut_matches_masks(model, fit, split)
+    _check_cut_runs(fit, example_inputs)
     return fit
+
+
+def _check_cut_runs(fit: nn.Module, example_inputs) -> None:
+    """Refuse a cut network that no longer runs: a layer that keeps a channel count of its own
+    (a stored shape, say) that cutting its parameters did not change."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        with torch.no_grad(), eval_mode(fit):
+            fit(*inputs)
+    except Exception as error:  # the mismatch surfaces as any of several types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KecompressError(f"the fit network cut out of this model does not run ({reason}): one of its layers "
+                              "keeps a channel count that slicing does not update; use the WELS split for this "
+                              "model") from None
 
 
 def _check_cut_matches_masks(model: nn.Module, fit: nn.Module, split: Split) -> None:

@@ -7,8 +7,9 @@ A split maps every parameter it touches to a bool mask of the same shape, True m
 * KELS, kernel-level: the fit is the first ``ceil(rate*C)`` channels of every layer, so it is
   a slim dense sub-network that can be cut out (``kecompress.slice_fit``). Channels that are
   coupled (residual adds, concatenations, depthwise and grouped convolutions, flatten into a
-  linear layer) are decided once per coupled group of torch-pruning's dependency graph; with
-  ``align=N`` every group keeps a multiple of N channels (the block widths fast kernels use).
+  linear layer, the heads of timm's attention) are decided once per coupled group of
+  torch-pruning's dependency graph; with ``align=N`` every group keeps a multiple of N channels
+  (the block widths fast kernels use).
 * WELS, weight-level: every conv and linear weight is in the fit with probability ``rate``.
   The fit is sparse, not slim: dense runtimes do not run it any faster.
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .attention import check_attention_group, qkv_heads
 from .errors import KecompressError
 
 METHODS = ("kels", "wels")
@@ -32,6 +34,10 @@ _CONV = nn.modules.conv._ConvNd
 _NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 # Layers whose parameters KELS knows how to split along channels.
 SPLITTABLE_LAYERS = (_CONV, nn.Linear, *_NORM, nn.PReLU)
+# timm's token parameters: class, register and distillation tokens and position embeddings, shaped
+# (1, tokens, channels) and put beside or added to the tokens, so their channels are the last
+# dimension, the one torch-pruning cuts.
+_TOKEN_PARAMETERS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 
 
 @dataclass
@@ -324,11 +330,20 @@ def trace_dependency_graph(model: nn.Module, example_inputs=None) -> tp.Dependen
 
 
 def _check_splittable_layers(model: nn.Module) -> None:
-    """Refuse parameters that KELS cannot place on a channel, naming their layer."""
+    """Refuse parameters that KELS cannot place on a channel, and attention layers whose heads
+    it cannot keep consistent, naming their layer."""
+    qkv_heads(model)
     for module_name, module in model.named_modules():
         if isinstance(module, SPLITTABLE_LAYERS):
+            extra = [name for name, _ in module.named_parameters(recurse=False) if name not in ("weight", "bias")]
+            if extra:  # a conv's gain, say: cutting the layer's channels would leave it whole
+                raise KecompressError(
+                    f"layer '{module_name}' ({module.__class__.__name__}) holds parameter '{extra[0]}' beside its "
+                    "weight and bias, which KELS does not cut with its channels: use the WELS split for this model")
             continue
         for param_name, param in module.named_parameters(recurse=False):
+            if param_name in _TOKEN_PARAMETERS and param.dim() == 3 and param.shape[0] == 1:
+                continue
             # A per-channel vector (a layer scale, say) follows its channels unambiguously;
             # anything else would be split along a guessed dimension, i.e. silently wrong.
             if sum(size > 1 for size in param.shape) > 1:
@@ -349,11 +364,29 @@ def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int) -> di
     for unwrapped in graph.unwrapped_parameters:
         masks[name_of[id(unwrapped.parameters)]] = torch.ones(unwrapped.parameters.shape, dtype=torch.bool)
 
-    for group, kept in kels_groups(graph, rate, align):
+    groups = list(kels_groups(graph, rate, align))
+    for group, kept in groups:
         for item in group.items:
             reset = [idx for idx, root in zip(item.idxs, item.root_idxs) if root not in kept]
             if reset:
-                _mark_reset(graph, masks, name_of, item.dep, reset)
+                try:
+                    _mark_reset(graph, masks, name_of, item.dep, reset)
+                except IndexError:  # the graph's index mapping through a split or slice of channels
+                    raise KecompressError(
+                        f"the dependency graph maps channels of layer '{_layer_name(graph, item.dep.target.module)}' "
+                        "beyond the layer's own (a split or slice of channels it does not follow): use the WELS "
+                        "split for this model") from None
+    # Groups that overlap (channels sliced or split in a way the graph does not follow, as in
+    # GhostNet's ghost modules) can leave one layer's channel kept and a coupled layer's reset:
+    # no slim network computes that. Refuse now, not when the fit is first cut out after training.
+    for group, _ in groups:
+        odd = _channel_votes(graph, group, masks, name_of)[1]
+        if odd:
+            name, _, _, coupled, _ = odd
+            raise KecompressError(
+                f"KELS cannot split this model consistently: parameter '{name}' shares channels with {coupled}, "
+                "which another coupled group cuts differently (a split or slice of channels the dependency graph "
+                "does not follow): use the WELS split for this model")
     return masks
 
 
@@ -371,12 +404,13 @@ def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1):
         >>> [sorted(kept) for _, kept in kels_groups(graph, 0.5, align=4)]
         [[0, 1, 2, 3]]
     """
-    output_layers = _output_layers(graph)
+    output_layers, qkv_blocks = _output_layers(graph), qkv_heads(graph.model)
     for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
         if _reaches_output(graph, group, output_layers):
             continue
+        check_attention_group(graph, group, qkv_blocks, _layer_name(graph, group.items[0].dep.target.module))
         channels = len(group.items[0].idxs)
-        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels), align)
+        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels, qkv_blocks), align)
 
 
 def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor]):
@@ -401,20 +435,21 @@ def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor])
         [[0, 2, 3, 5]]
     """
     name_of = {id(param): name for name, param in graph.model.named_parameters()}
-    output_layers = _output_layers(graph)
+    output_layers, qkv_blocks = _output_layers(graph), qkv_heads(graph.model)
     for group in graph.get_all_groups(root_module_types=(_CONV, nn.Linear)):
         channels = len(group.items[0].idxs)
         kept = _fit_root_channels(graph, group, masks, name_of)
         if len(kept) == channels:
             continue
         layer = _layer_name(graph, group.items[0].dep.target.module)
+        check_attention_group(graph, group, qkv_blocks, layer)
         if _reaches_output(graph, group, output_layers):
             raise KecompressError(f"the split resets output channels of layer '{layer}', which are the model's "
                                   "outputs: they stay whole in a KELS fit; keep them in the fit")
         if not kept:
             raise KecompressError(f"the split resets every output channel of layer '{layer}' and the layers "
                                   "coupled to it: a fit network needs at least one; keep one in the fit")
-        blocks = _channel_blocks(graph, group, channels)
+        blocks = _channel_blocks(graph, group, channels, qkv_blocks)
         counts = sorted({sum(1 for channel in kept if channel * blocks // channels == block) for block in range(blocks)})
         if len(counts) > 1:
             raise KecompressError(f"the split keeps {' or '.join(map(str, counts))} channels in the {blocks} groups "
@@ -475,15 +510,19 @@ def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1) ->
     return {block * size + offset for block in range(blocks) for offset in range(keep)}
 
 
-def _channel_blocks(graph: tp.DependencyGraph, group, channels: int) -> int:
-    """How many equal blocks the group's channels fall into: the lcm of its layers' groups."""
+def _channel_blocks(graph: tp.DependencyGraph, group, channels: int, qkv_blocks: dict) -> int:
+    """How many equal blocks the group's channels fall into: the lcm of its layers' groups, and
+    of the query, key and value blocks of every head of an attention layer (``qkv_blocks``, from
+    :func:`~kecompress.attention.qkv_heads`)."""
     blocks = 1
     for item in group.items:
         module = item.dep.target.module
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or _is_depthwise(module):  # depthwise: every channel its own group
             continue
-        if graph.is_out_channel_pruning_fn(item.dep.handler):
+        if module in qkv_blocks and graph.is_out_channel_pruning_fn(item.dep.handler):
+            blocks = math.lcm(blocks, qkv_blocks[module])
+        elif graph.is_out_channel_pruning_fn(item.dep.handler):
             blocks = math.lcm(blocks, pruner.get_out_channel_groups(module))
         else:
             blocks = math.lcm(blocks, pruner.get_in_channel_groups(module))
@@ -550,6 +589,22 @@ def _mark_conv_channels(conv: nn.Module, weight_mask: torch.Tensor, idx: torch.T
 
 def _fit_root_channels(graph, group, masks, name_of) -> set[int]:
     """The group's root channels that every mask of the group keeps; refuses masks that disagree."""
+    resets, odd = _channel_votes(graph, group, masks, name_of)
+    if odd:
+        name, side, channels, coupled, odd_in_fit = odd
+        raise KecompressError(
+            f"the split's mask of '{name}' {'keeps' if odd_in_fit else 'resets'} its {side} channels "
+            f"{_channel_list(channels)}, which the dependency graph couples to {coupled}, whose masks "
+            f"{'reset' if odd_in_fit else 'keep'} them: a coupled channel is in the fit in every layer or in none; "
+            "edit the masks of all of them together")
+    channels = len(group.items[0].idxs)
+    return set(range(channels)) - set(resets)
+
+
+def _channel_votes(graph, group, masks, name_of) -> tuple[dict, tuple | None]:
+    """The group's root channels that some mask resets (root -> parameter names), and the odd one
+    out where masks disagree about a channel: ``(name, side, its channels, coupled names,
+    odd_in_fit)``, else None."""
     # Every parameter that holds some of the group's channels votes on them: kept or reset.
     votes = []  # (parameter name, side, own channel indices, root channel indices, kept)
     for item in group.items:
@@ -561,21 +616,16 @@ def _fit_root_channels(graph, group, masks, name_of) -> set[int]:
         for root, in_fit in zip(roots, kept):
             (keeps if in_fit else resets).setdefault(root, set()).add(name)
     contested = sorted(set(resets) & set(keeps))
-    if contested:
-        first = contested[0]
-        odd_in_fit = len(keeps[first]) < len(resets[first])  # the fewer voters are the odd ones out
-        odd, others = (keeps, resets) if odd_in_fit else (resets, keeps)
-        name, side, own, roots, kept = next(vote for vote in votes if vote[0] in odd[first] and first in vote[3])
-        channels = [channel for channel, root, in_fit in zip(own, roots, kept)
-                    if root in contested and in_fit == odd_in_fit]
-        coupled = ", ".join(f"'{other}'" for other in sorted(others[first])[:3])
-        raise KecompressError(
-            f"the split's mask of '{name}' {'keeps' if odd_in_fit else 'resets'} its {side} channels "
-            f"{_channel_list(channels)}, which the dependency graph couples to {coupled}, whose masks "
-            f"{'reset' if odd_in_fit else 'keep'} them: a coupled channel is in the fit in every layer or in none; "
-            "edit the masks of all of them together")
-    channels = len(group.items[0].idxs)
-    return set(range(channels)) - set(resets)
+    if not contested:
+        return resets, None
+    first = contested[0]
+    odd_in_fit = len(keeps[first]) < len(resets[first])  # the fewer voters are the odd ones out
+    odd, others = (keeps, resets) if odd_in_fit else (resets, keeps)
+    name, side, own, roots, kept = next(vote for vote in votes if vote[0] in odd[first] and first in vote[3])
+    channels = [channel for channel, root, in_fit in zip(own, roots, kept)
+                if root in contested and in_fit == odd_in_fit]
+    coupled = ", ".join(f"'{other}'" for other in sorted(others[first])[:3])
+    return resets, (name, side, channels, coupled, odd_in_fit)
 
 
 def _channel_list(channels: list[int]) -> str:

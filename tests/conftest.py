@@ -4,6 +4,7 @@ import os
 # cores, and small tensors gain little from a second thread anyway.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import copy  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -12,6 +13,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from kecompress.errors import KecompressError  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -45,6 +48,24 @@ def randomise_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
     return model
+
+
+def error(call, *args, **kwargs) -> str:
+    """The message of the KecompressError that ``call(*args, **kwargs)`` raises, checked to be one line."""
+    with pytest.raises(KecompressError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def zero_reset_hypothesis(model: torch.nn.Module, split) -> torch.nn.Module:
+    """A copy of ``model`` with the reset hypothesis of ``split`` zeroed: the masked dense network."""
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in masked.named_parameters():
+            param.mul_(split.masks[name])
+    return masked
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ from PIL import Image
 from kecompress.augment import AUGMENTATIONS
 from kecompress.data import (class_labels, demo_datasets, image_folder_datasets, input_shape, load_datasets,
                              make_loaders, per_class_subset, stratified_split)
-from kecompress.errors import KecompressError
+
+from conftest import error
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -137,14 +138,6 @@ def test_per_class_subset_refuses_more_than_a_class_has(tmp_path):
 
 
 # --- errors ------------------------------------------------------------------------------
-
-def error(call, *args, **kwargs):
-    with pytest.raises(KecompressError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
-
 
 def test_missing_root(tmp_path):
     assert "does not exist" in error(image_folder_datasets, tmp_path / "nowhere")

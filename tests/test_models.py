@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kecompress.errors import KecompressError
 from kecompress.models import build_model, load_model_file, output_features, resolve_model
+
+from conftest import error
 
 
 class RunsCommandOnLoad:
@@ -28,14 +29,6 @@ class TinyCustomNet(nn.Module):
 
     def forward(self, x):
         return self.body(x).relu()
-
-
-def error(call, *args, **kwargs):
-    with pytest.raises(KecompressError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
 
 
 def test_build_model_sets_the_class_count():

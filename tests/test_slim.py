@@ -6,17 +6,10 @@ import torch.nn as nn
 
 import kecompress
 from kecompress import KecompressError
+from kecompress.attention import qkv_heads
 from kecompress.split import _channel_blocks, _mark_reset, kels_groups, trace_dependency_graph
 
-from conftest import MORE_ARCHS, REQUIRED_ARCHS, build, example_input, randomise_batchnorm
-
-
-def zero_reset_hypothesis(model, s):
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in masked.named_parameters():
-            param.mul_(s.masks[name])
-    return masked
+from conftest import MORE_ARCHS, REQUIRED_ARCHS, build, example_input, randomise_batchnorm, zero_reset_hypothesis
 
 
 @pytest.mark.parametrize("name", REQUIRED_ARCHS + MORE_ARCHS)
@@ -109,9 +102,10 @@ def split_with_random_channels(model, example, seed=0):
     s = kecompress.split(model, "kels", 1.0, example_inputs=example)
     graph = trace_dependency_graph(model, example)
     name_of = {id(param): name for name, param in model.named_parameters()}
+    heads = qkv_heads(model)
     for group, rule in kels_groups(graph, 0.5):
         channels = len(group.items[0].idxs)
-        blocks = _channel_blocks(graph, group, channels)  # a grouped conv keeps the same offsets in every group
+        blocks = _channel_blocks(graph, group, channels, heads)  # a grouped conv keeps the same offsets in every group
         size = channels // blocks
         offsets = torch.randperm(size, generator=generator)[:len(rule) // blocks].tolist()
         kept = {block * size + offset for block in range(blocks) for offset in offsets}

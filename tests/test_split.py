@@ -143,6 +143,27 @@ def test_a_layer_kels_cannot_split_is_named():
         kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 8, 8))
 
 
+class HandWrittenAttention(nn.Module):
+    """Multi-head self-attention of one's own: the qkv outputs are reshaped into heads."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_attention_heads_kels_cannot_keep_consistent_are_refused():
+    # The rate rule alone would keep every query, half of the keys and no value.
+    model = nn.Sequential(nn.Linear(8, 16), HandWrittenAttention(), nn.Flatten(), nn.Linear(5 * 16, 3))
+    with pytest.raises(KecompressError, match=r"layer '1.qkv' meet as attention heads.*WELS"):
+        kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 5, 8))
+
+
 def test_a_model_the_graph_cannot_trace_gets_an_error():
     model = build("shufflenet_v2_x0_5")  # channel shuffle defeats the dependency graph
     with pytest.raises(KecompressError, match="dependency graph"):
