@@ -59,8 +59,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 import kecompress
-from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, machine,
-                    machine_line, markdown_table, mean_std, paired, rich_table, run_script, write_report)
+from common import (add_small_data_options, add_training_options, at_least, machine, machine_line, markdown_table,
+                    mean_std, paired, rich_table, run_script, write_report)
 from kecompress import data as datasets
 from kecompress import experiment
 from kecompress.augment import default_augmentation
@@ -269,8 +269,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
             loop.model.load_state_dict(torch.load(teacher_file, weights_only=True))
             teacher = loop.model  # the long job's record lies beside its network
             teacher_job = json.loads(Path(teacher_file).with_suffix(".json").read_text())
-        torch.manual_seed(seed)
-        student = fit_sized_from_scratch(loop)
+        student = build(1, total, fit_only=True)  # what `kecompress evolve --fit-only` trains
         if arm == "small-kd":
             with_teacher(student, teacher, SMALL_KD)
             extra["teacher_seconds"] = teacher_job["seconds"]
@@ -282,11 +281,9 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
     elif arm == "small-ban":
         previous = None
         for generation in range(1, g + 1):
-            loop = build(1, e, seed_=seed + 1000 * (generation - 1))  # its own initialisation and data order
             if generation == 1:
-                dense_macs, fit_macs = forward_macs(loop)
-            torch.manual_seed(seed + 1000 * (generation - 1))
-            student = fit_sized_from_scratch(loop)
+                dense_macs, fit_macs = forward_macs(build(1, e))
+            student = build(1, e, seed_=seed + 1000 * (generation - 1), fit_only=True)  # its own start and data order
             if previous is not None:
                 with_teacher(student, previous, BORN_AGAIN)
             [record] = student.run()
@@ -439,30 +436,38 @@ def verdict_lines(results: dict) -> list[str]:
 
 
 def write_chart(path: Path, results: dict, title: str) -> None:
-    """Fit accuracy (and dense, where an arm has one) against training cost, mean ± std over seeds."""
+    """Left: fit accuracy (and dense, where an arm has one) against training cost; right: each
+    arm's fit accuracy, best first; mean ± std over the seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 5.5), layout="constrained")
+    figure = Figure(figsize=(13, 5.5), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    for index, arm in enumerate(results["arms"]):
+    by_cost, by_arm = figure.subplots(1, 2, width_ratios=[3, 2])
+    colours = {arm: f"C{index % 10}" for index, arm in enumerate(results["arms"])}
+
+    def spread(values):
+        return 100 * statistics.fmean(values), 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+
+    for arm in results["arms"]:
         cost = mean_of(results, arm, "train_macs") / 1e12
         for key, marker, filled in (("fit_accuracy", "o", True), ("dense_accuracy", "s", False)):
             values = [row[key] for row in results["arms"][arm]["per_seed"]]
-            if None in values:
-                continue
-            mean = 100 * statistics.fmean(values)
-            spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-            colour = f"C{index % 10}"
-            axes.errorbar(cost, mean, yerr=spread, fmt=marker, color=colour, capsize=3,
-                          markerfacecolor=colour if filled else "white", label=arm if key == "fit_accuracy" else None)
-            if key == "fit_accuracy":
-                axes.annotate(arm, (cost, mean), textcoords="offset points", xytext=(5, 4), fontsize="small")
-    axes.set_xlabel("training cost (TMACs, forward and backward; teachers included)")
-    axes.set_ylabel("test accuracy (%): ● fit network, □ dense network")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
+            if None not in values:
+                mean, std = spread(values)
+                by_cost.errorbar(cost, mean, yerr=std, fmt=marker, color=colours[arm], capsize=3,
+                                 markerfacecolor=colours[arm] if filled else "white")
+    by_cost.set_xlabel("training cost (TMACs, forward and backward; teachers included)")
+    by_cost.set_ylabel("test accuracy (%): ● fit network, □ dense network")
+    by_cost.grid(alpha=0.3)
+    ranked = sorted(results["arms"], key=lambda arm: mean_of(results, arm, "fit_accuracy"))
+    for row, arm in enumerate(ranked):
+        mean, std = spread(fit_values(results, arm))
+        by_arm.barh(row, mean, xerr=std, color=colours[arm], capsize=3)
+    by_arm.set_yticks(range(len(ranked)), ranked)
+    by_arm.set_xlabel("fit network's test accuracy (%)")
+    by_arm.grid(axis="x", alpha=0.3)
+    figure.suptitle(title)
     with atomic_path(path) as target:
         figure.savefig(target, format="png", dpi=110)
 

@@ -96,6 +96,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     distill_fit: dict | None = None  # FitDistillation's settings; None: no in-place distillation
     finetune_fit: dict | None = None  # FitFinetuning's settings; None: no fine-tuning of the fit
+    fit_only: bool = False  # train the fit-sized network from scratch (kecompress.slim.fit_sized), no generations of KE
     world_size: int = 1
     trust_model_file: bool = False
     loaders: str = "kecompress"  # "kecompress": data and loss built from this config; "python": the user's own
@@ -104,7 +105,7 @@ class RunConfig:
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
     _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
-               "forget": {"name": "ke"}, "align": 1}
+               "forget": {"name": "ke"}, "align": 1, "fit_only": False}
 
     @property
     def arch(self) -> str | None:

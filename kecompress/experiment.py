@@ -36,7 +36,7 @@ from .files import remove_stale_temporaries
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
-from .slim import slice_fit
+from .slim import fit_sized, slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
 
@@ -79,6 +79,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     with distributed.fail_together(KecompressError, OSError):  # what one rank finds ends every rank
         if run_dir is not None and distributed.is_main():  # first: before the data set is read
             check_run_dir(run_dir, resume)
+        check_fit_only(config)
         train_set, val_set, classes = data or load_data(config)
         example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
         num_classes = config.num_classes or len(classes)  # a model for other classes is refused below
@@ -89,6 +90,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
                               image_size=config.image_size)
         if config.weights:
             load_weights(model, config.weights)
+        if config.fit_only:  # the network of the fit's shape, freshly initialised, is the run's model
+            model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
@@ -104,7 +107,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if resume:
             remove_stale_temporaries(run_dir.path)
             return run_dir.read_split()
-        new_split = make_split(model, config.split, config.rate, example_inputs=example_inputs, seed=config.seed,
+        rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
+        new_split = make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
                                align=config.align)
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
@@ -130,6 +134,25 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     if resume:
         loop.resume()
     return loop
+
+
+def check_fit_only(config: RunConfig) -> None:
+    """Refuse what a fit-sized network trained from scratch cannot have, in one line.
+
+    Example:
+        >>> check_fit_only(RunConfig(fit_only=True, split="wels"))
+        Traceback (most recent call last):
+        ...
+        kecompress.errors.KecompressError: --fit-only trains the KELS fit's shape from scratch: drop --split wels
+    """
+    if not config.fit_only:
+        return
+    conflicts = [option for option, present in (("--split wels", config.split != "kels"),
+                                                 ("--weights", bool(config.weights)),
+                                                 ("--distill-fit", bool(config.distill_fit)),
+                                                 ("--finetune-fit", bool(config.finetune_fit))) if present]
+    if conflicts:
+        raise KecompressError(f"--fit-only trains the KELS fit's shape from scratch: drop {' and '.join(conflicts)}")
 
 
 def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:

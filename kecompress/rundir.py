@@ -34,8 +34,8 @@ from .files import atomic_path, save_json, save_torch
 from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
-from .slim import slice_fit
-from .split import Split, block_mask, kept_indices, split as make_split
+from .slim import fit_sized, slice_fit
+from .split import Split, block_mask, default_example_inputs, kept_indices, split as make_split
 
 # /2 records the fit channels of every parameter; /1 only the split's method, rate and seed (the rate rule).
 FIT_FORMAT, RATE_RULE_FIT_FORMAT = "kecompress-fit/2", "kecompress-fit/1"
@@ -229,14 +229,32 @@ class RunDirectory:
             >>> # RunDirectory("runs/a").save_final(model, loop.fit, split, config, (3, 32, 32))
         """
         save_torch(model.state_dict(), self.dense_file)
+        if config.fit_only:  # the fit's channels as the source architecture numbers them, so load_fit rebuilds it
+            split = make_split(self.build_source(config), "kels", config.rate,
+                               example_inputs=torch.zeros(1, *input_shape), align=config.align)
         if split.method == "kels":
             save_fit(self.fit_file, fit, config, split, input_shape)
 
     def build_dense(self, config: RunConfig, trust_file: bool = False) -> nn.Module:
-        """The dense architecture of the run, freshly initialised (weights are loaded separately).
+        """The dense architecture of the run, freshly initialised (weights are loaded separately):
+        the source model's, or for ``fit_only`` the shape of its fit.
 
         Example:
             >>> RunDirectory("runs/a").build_dense(RunConfig(model="resnet18", num_classes=10)).fc.out_features
+            10
+        """
+        source = self.build_source(config, trust_file)
+        if not config.fit_only:
+            return source
+        channels = default_example_inputs(source).shape[1]
+        example = torch.zeros(1, channels, config.image_size, config.image_size)
+        return fit_sized(source, config.rate, config.align, example)[0]
+
+    def build_source(self, config: RunConfig, trust_file: bool = False) -> nn.Module:
+        """The architecture the run started from (its name, or the model file it copied), freshly initialised.
+
+        Example:
+            >>> RunDirectory("runs/a").build_source(RunConfig(model="resnet18", num_classes=10)).fc.out_features
             10
         """
         if config.arch:

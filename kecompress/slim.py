@@ -16,7 +16,7 @@ from .config import FIT_BATCHNORM
 from .errors import KecompressError
 from .evaluation import eval_mode
 from .seeds import batchnorm_seed, rank_seed, seed_loader
-from .split import Split, default_example_inputs, groups_from_masks, kept_indices, trace_dependency_graph
+from .split import Split, default_example_inputs, groups_from_masks, kept_indices, split as make_split, trace_dependency_graph
 
 
 def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
@@ -77,6 +77,30 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
     _check_cut_matches_masks(model, fit, split)
     _check_cut_runs(fit, example_inputs)
     return fit
+
+
+def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None, *,
+              seed: int | None = None) -> tuple[nn.Module, Split]:
+    """A network of the shape of ``model``'s KELS fit at ``rate`` (and ``align``), every layer
+    re-initialised its own default way (``reset_parameters``, from ``seed`` when given), and the
+    split that gives that shape: the fit-sized network trained from scratch, the baseline a slim
+    network must beat (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019), and on
+    small data often the best slim network there is (docs/results.md). ``model`` is left untouched.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> slim, shaping = fit_sized(model, 0.5, seed=0)
+        >>> slim[0].out_features, shaping.rate
+        (8, 0.5)
+    """
+    shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
+    slim = slice_fit(model, shaping, example_inputs=example_inputs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in slim.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return slim, shaping
 
 
 def _check_cut_runs(fit: nn.Module, example_inputs) -> None:

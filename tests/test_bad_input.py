@@ -104,6 +104,9 @@ EVOLVE = [
     (["evolve", "resnet18", "--forget-from", "layer4"], "applies to --forget llf"),
     (["evolve", "resnet18", "--forget", "none", "--shrink", "0.5"], "applies to --forget shrink-perturb"),
     (["evolve", "resnet18", "--forget", "everything"], "--forget"),
+    (["evolve", "resnet18", "--fit-only", "--split", "wels"], "drop --split wels"),
+    (["evolve", "resnet18", "--fit-only", "--finetune-fit", "2", "--distill-fit"], "drop --distill-fit and --finetune-fit"),
+    (["evolve", "resnet18", "--fit-only", "--weights", "{weights_pt}"], "drop --weights"),
 ]
 
 EXPORT = [
