@@ -5,7 +5,7 @@ Prints a table per thread count and writes docs/benchmarks.md and docs/benchmark
 part of docs/benchmarks.md below the ANALYSIS marker is written by hand and kept across runs;
 benchmarks/latency_profile.py measures where the time goes when a fit falls short.
 
-    .venv/bin/python benchmarks/latency.py  # 8 models, align 1,8,16, 1 and 2 threads, fp32 and INT8: ~30 min on 2 cores
+    .venv/bin/python benchmarks/latency.py  # 8 models, align 1,8,16, 1 and 2 threads, fp32 and INT8: ~35 min on 2 cores
     .venv/bin/python benchmarks/latency.py --models mobilenet_v2 --align 16 --threads 1 --runs 200 --no-report
 """
 
@@ -231,6 +231,12 @@ def write_markdown(path: Path, rows: list[Row], timings: list[dict], args, comma
     ]
     for threads in args.threads:
         lines += [f"## {threads} thread{'s' if threads > 1 else ''}", ""]
+        if clock(threads, args) == "wall":
+            others = [row.others for row in at(rows, threads) if row.others is not None and row.same_as is None]
+            if others:
+                lines += [f"Wall clock: other processes kept {min(others):.2f}-{max(others):.2f} of the "
+                          f"{os.cpu_count()} CPUs busy while these rows were measured; whatever they took from "
+                          f"the {threads} threads is in the milliseconds.", ""]
         if args.int8:
             lines += [f"INT8 ran on this {isa}.", ""]
         lines += markdown_table(header(args.int8), [cells(row, args.int8) for row in at(rows, threads)])
@@ -319,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                         help="write docs/benchmarks.md and .png (default); --no-report to rerun a few models and "
                              "only print")
-    parser.add_argument("--runs", type=at_least(1), default=50, help="timed runs of each network (default 50)")
+    parser.add_argument("--runs", type=at_least(1), default=100, help="timed runs of each network (default 100)")
     parser.add_argument("--warmup", type=at_least(0), default=10,
                         help="untimed runs of each network first (default 10)")
     parser.add_argument("--threads", type=counts, default=[1, 2],
