@@ -5,7 +5,7 @@ Prints a table per thread count and writes docs/benchmarks.md and docs/benchmark
 part of docs/benchmarks.md below the ANALYSIS marker is written by hand and kept across runs;
 benchmarks/latency_profile.py measures where the time goes when a fit falls short.
 
-    .venv/bin/python benchmarks/latency.py  # 8 models, align 1,8,16, 1 and 2 threads, fp32 and INT8: ~35 min on 2 cores
+    .venv/bin/python benchmarks/latency.py  # 8 models, align 1,8,16, 1 and 2 threads, fp32, INT8: 20-30 min on 2 cores
     .venv/bin/python benchmarks/latency.py --models mobilenet_v2 --align 16 --threads 1 --runs 200 --no-report
 """
 
@@ -131,7 +131,7 @@ def measure_model(name: str, args, calibration) -> list[Row]:
 
 def clock(threads: int, args) -> str:
     # Other jobs on a shared machine take the core away in the middle of a run; one thread's CPU
-    # time leaves that out (at load 6: ResNet18 50.6 ms wall, 34.6 ms CPU, the quiet figure).
+    # time leaves that out (at load 6, ResNet18's dense network: 78.5 ms wall, 34.3 ms thread).
     return "thread" if threads == 1 and not args.wall_clock else "wall"
 
 
