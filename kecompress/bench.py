@@ -4,6 +4,8 @@ The MAC ratio (dense / fit) is the ceiling a latency ratio is judged against: th
 at most that much faster. Latency is measured like a benchmark, not a test: a fixed thread
 count, warm-up runs, many timed runs, the median and the 90th percentile, dense and fit in the
 same process and interleaved (dense, fit, dense, fit, ...) so that machine drift hits both.
+At 1 thread the clock can be the running thread's CPU time instead of the wall clock: on a
+machine shared with other jobs, the time they take the core away is then left out.
 
 With INT8 (:mod:`kecompress.quantize`), onnxruntime also times the static INT8 dense and fit
 networks, interleaved with the fp32 ones; INT8 speed depends on the CPU's integer instructions
@@ -43,6 +45,8 @@ RUNTIMES = ("onnxruntime", "torch")
 # run keeps the spin inside runs, where it speeds them up.
 _TIMING_CONFIG = {"session.force_spinning_stop": "1"}
 _PREFIX = {"onnxruntime": "ort", "torch": "torch"}  # of the runtimes' keys in JSON
+# "thread": the CPU time of the calling thread, which runs all the work at 1 thread in both runtimes.
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 # The /proc/cpuinfo flags that decide how fast onnxruntime's INT8 kernels run, and their names.
 _INT8_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
                "amx_int8": "AMX-INT8"}
@@ -202,7 +206,7 @@ class LatencyResult:
 def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224), batch_sizes=(1,),
                     runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50,
                     exporter: str = DEFAULT_EXPORTER, int8_calibration: Dataset | None = None,
-                    calibration_images: int = CALIBRATION_IMAGES) -> LatencyResult:
+                    calibration_images: int = CALIBRATION_IMAGES, clock: str = "wall") -> LatencyResult:
     """Time the dense and the fit network on the CPU, interleaved, in each runtime.
 
     For onnxruntime both networks are exported (static shapes, the exporter's default opset) to a temporary
@@ -213,7 +217,9 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
     ``torch.set_num_threads(threads)``; the previous thread count and the models' train/eval
     modes are restored afterwards. With ``int8_calibration``, onnxruntime also times the static
     INT8 dense and fit networks (:func:`kecompress.quantize.quantize_int8`, calibrated on a seeded
-    sample of ``calibration_images`` of it), all four interleaved.
+    sample of ``calibration_images`` of it), all four interleaved. With ``clock="thread"`` (1
+    thread only) a run's time is the CPU time of the thread that ran it: what a core of its own
+    would take, on a machine where other processes also want the cores.
 
     Args:
         dense: the dense network.
@@ -227,6 +233,7 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         exporter: the ONNX exporter, ``"dynamo"`` or ``"torchscript"``.
         int8_calibration: training images to calibrate INT8 networks on, or None for no INT8.
         calibration_images: the most of them to calibrate on.
+        clock: ``"wall"`` (elapsed time) or ``"thread"`` (the running thread's CPU time, 1 thread only).
 
     Returns:
         A :class:`LatencyResult`: the machine (processor, cpu count, versions, threads), the
@@ -236,8 +243,8 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         ``to_json()`` gives it as ``kecompress bench --json`` prints it.
 
     Raises:
-        KecompressError: an unknown runtime or exporter, a non-positive count, models not on the
-            CPU, or INT8 without onnxruntime.
+        KecompressError: an unknown runtime, exporter or clock, a non-positive count, the thread
+            clock with more than 1 thread, models not on the CPU, or INT8 without onnxruntime.
 
     Example:
         >>> import torchvision, kecompress
@@ -248,7 +255,7 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         >>> result.results[0].onnxruntime.speedup > 0, result.results[0].torch.speedup > 0
         (True, True)
     """
-    runtimes = _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs)
+    runtimes = _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs, clock)
     exporter = check_exporter(exporter)
     if int8_calibration is not None:
         if "onnxruntime" not in runtimes:
@@ -264,15 +271,16 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))
         onnxruntime = in_torch = int8 = None
         if "onnxruntime" in runtimes:
-            times = _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration)
+            times = _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration, clock)
             onnxruntime = RuntimeLatency.measured(times[0], times[1], macs_ratio)
             if int8_calibration is not None:
                 int8 = Int8Latency.measured(times[2], times[3], onnxruntime.dense_median_ms)
         if "torch" in runtimes:
-            in_torch = RuntimeLatency.measured(*_time_torch(dense, fit, sample, threads, warmup, runs), macs_ratio)
+            in_torch = RuntimeLatency.measured(*_time_torch(dense, fit, sample, threads, warmup, runs, clock),
+                                               macs_ratio)
         results.append(BatchLatency(int(batch_size), macs_ratio, onnxruntime, in_torch, int8))
     settings = {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
-                "runtimes": list(runtimes), "exporter": exporter,
+                "runtimes": list(runtimes), "exporter": exporter, "clock": clock,
                 "int8_calibration_images": len(int8_calibration) if int8_calibration is not None else None}
     return LatencyResult(machine_description(threads), settings, dense_cost, fit_cost, macs_ratio, results)
 
@@ -361,8 +369,9 @@ def latency_cells(latency: RuntimeLatency) -> list[str]:
             f"{latency.fit_median_ms:.2f} / {latency.fit_p90_ms:.2f}", f"{latency.speedup:.2f}x"]
 
 
-def time_interleaved(callables, warmup: int, runs: int) -> list[list[float]]:
-    """Milliseconds of each timed run of each callable, taking turns (dense, fit, dense, fit, ...).
+def time_interleaved(callables, warmup: int, runs: int, clock: str = "wall") -> list[list[float]]:
+    """Milliseconds of each timed run of each callable, taking turns (dense, fit, dense, fit, ...),
+    on one of :data:`CLOCKS`.
 
     Example:
         >>> [len(ms) for ms in time_interleaved([lambda: None, lambda: None], warmup=1, runs=3)]
@@ -371,22 +380,23 @@ def time_interleaved(callables, warmup: int, runs: int) -> list[list[float]]:
     for _ in range(warmup):
         for run in callables:
             run()
+    now = CLOCKS[clock]
     times = [[] for _ in callables]
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection in the middle of one run would be timed as that run's
     try:
         for _ in range(runs):
             for run, milliseconds in zip(callables, times):
-                start = time.perf_counter()
+                start = now()
                 run()
-                milliseconds.append((time.perf_counter() - start) * 1e3)
+                milliseconds.append((now() - start) * 1e3)
     finally:
         if gc_was_enabled:
             gc.enable()
     return times
 
 
-def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration):
+def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration, clock):
     """The times of dense and fit, then of INT8 dense and fit when there are calibration images."""
     feed = {INPUT_NAME: sample.cpu().numpy()}
     paths = []
@@ -397,20 +407,21 @@ def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_
         if int8_calibration is not None:
             paths += [quantize_int8(path, path.with_suffix(".int8.onnx"), int8_calibration) for path in paths[:2]]
         sessions = [onnx_session(path, threads=threads, config=_TIMING_CONFIG) for path in paths]
-    return time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs)
+    return time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs,
+                            clock)
 
 
-def _time_torch(dense, fit, sample, threads, warmup, runs):
+def _time_torch(dense, fit, sample, threads, warmup, runs, clock):
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with eval_mode(dense), eval_mode(fit), torch.inference_mode():
-            return time_interleaved([lambda: dense(sample), lambda: fit(sample)], warmup, runs)
+            return time_interleaved([lambda: dense(sample), lambda: fit(sample)], warmup, runs, clock)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs) -> tuple[str, ...]:
+def _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs, clock) -> tuple[str, ...]:
     runtimes = (runtimes,) if isinstance(runtimes, str) else tuple(runtimes)
     unknown = [runtime for runtime in runtimes if runtime not in RUNTIMES]
     if unknown or not runtimes:
@@ -421,6 +432,11 @@ def _check_settings(dense, fit, batch_sizes, runtimes, threads, warmup, runs) ->
         if not isinstance(value, int) or value < least:
             raise KecompressError(f"bad benchmark setting {name}={value!r}: threads, runs and batch sizes "
                                   "must be positive integers, warmup zero or more")
+    if clock not in CLOCKS:
+        raise KecompressError(f"unknown clock {clock!r}: choose from {', '.join(CLOCKS)}")
+    if clock == "thread" and threads != 1:
+        raise KecompressError(f"the thread clock times the one thread that runs the network: use threads=1, not "
+                              f"{threads}, or the wall clock")
     for model in (dense, fit):
         if any(parameter.device.type != "cpu" for parameter in model.parameters()):
             raise KecompressError("measure_latency times CPU inference: move both models to the CPU (model.cpu())")

@@ -22,7 +22,7 @@ from rich.console import Console
 from . import __version__, distributed, experiment
 from .acceleration import PRECISIONS, MixedPrecision, check_compile
 from .augment import AUGMENTATIONS, CROP_SCALE, SMALL_IMAGES, check_augmentation, default_augmentation
-from .bench import RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_table, measure_latency
+from .bench import CLOCKS, RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
@@ -437,10 +437,13 @@ def _int8_data(source: str, calibration_data: Path | None, input_shape):
 @click.option("--threads", type=POSITIVE, default=2, help="CPU threads each runtime may use")
 @click.option("--warmup", type=click.IntRange(0), default=10, help="untimed runs of each network first")
 @click.option("--runs", type=POSITIVE, default=50, help="timed runs of each network")
+@click.option("--clock", type=click.Choice(list(CLOCKS)), default="wall",
+              help="wall: elapsed time; thread (with --threads 1): the running thread's CPU time, which leaves "
+                   "out the time other processes take the core away")
 @click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
 @_export_options
 @_model_options
-def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporter, int8, calibration_data,
+def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, exporter, int8, calibration_data,
           calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
@@ -453,7 +456,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, as_json, exporte
                                                         trust_model_file)
     calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
-                             int8_calibration=calibration, calibration_images=calibration_images)
+                             int8_calibration=calibration, calibration_images=calibration_images, clock=clock)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

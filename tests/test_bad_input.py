@@ -165,6 +165,8 @@ BENCH = [
     (["bench", "resnet18", "--warmup", "-1"], "warm"),
     (["bench", "resnet18", "--runs", "0"], "runs"),
     (["bench", "resnet18", "--runtime", "tvm"], "runtime"),
+    (["bench", "resnet18", "--clock", "cpu"], "clock"),
+    (["bench", "resnet18", "--clock", "thread", "--threads", "2", "--input-size", "32"], "threads=1"),
     (["bench", "resnet18", "--input-size", "2"], "input"),
     (["bench", "resnet18", "--num-classes", "0"], "classes"),
     (["bench", "shufflenet_v2_x0_5"], "dependency graph"),

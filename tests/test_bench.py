@@ -74,8 +74,20 @@ def test_runtimes_not_asked_for_are_none(resnet18_pair):
     assert latency_table(result).row_count == 1
 
 
+def test_the_thread_clock_is_the_one_read(resnet18_pair, monkeypatch):
+    from kecompress import bench
+    # A thread clock that moves 1 ms between two readings: every run takes 1 ms on it.
+    ticks = iter(range(10**6))
+    monkeypatch.setitem(bench.CLOCKS, "thread", lambda: next(ticks) / 1e3)
+    result = measure_latency(*resnet18_pair, (3, 32, 32), threads=1, warmup=0, runs=2, clock="thread")
+    assert result.settings["clock"] == "thread"
+    for latency in (result.results[0].onnxruntime, result.results[0].torch):
+        assert latency.dense_median_ms == pytest.approx(1.0) and latency.fit_median_ms == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("settings", [{"runtimes": ("tensorrt",)}, {"runs": 0}, {"threads": 0},
-                                      {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0,)}])
+                                      {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0,)},
+                                      {"clock": "cpu"}, {"clock": "thread", "threads": 2}])
 def test_bad_settings_are_user_errors(settings, resnet18_pair):
     with pytest.raises(KecompressError):
         measure_latency(*resnet18_pair, (3, 32, 32), **settings)
