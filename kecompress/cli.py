@@ -159,8 +159,8 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     For a slim network on small data, the scoreboard in docs/results.md measured the fit-sized
     network trained from scratch best (--fit-only --generations 1, all the epochs in --epochs):
     KE's fit, distilled in place (--distill-fit) or fine-tuned (--finetune-fit E), tied or lost
-    to it at about four times the training cost. KE stays the default: its dense network beat
-    one network trained as long.
+    to it at about four times the training cost. KE stays the default, the method this tool
+    implements; for the dense network, --forget shrink-perturb beat one network trained as long.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
     with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
