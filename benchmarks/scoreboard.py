@@ -483,7 +483,7 @@ def section(name: str, measured: dict) -> list[str]:
     return [
         f"## {name}",
         "",
-        f"{data} at {settings['image_size']} px, {images} ({measured['training_images']}){noise}; a fixed test set of "
+        f"{data[0].upper()}{data[1:]} at {settings['image_size']} px, {images} ({measured['training_images']}){noise}; a fixed test set of "
         f"{measured['test_images']} images. {settings['arch']}, {settings['split'].upper()} at rate {settings['rate']}; "
         f"{settings['generations']} generations of {settings['epochs']} epochs, or one run of "
         f"{settings['generations'] * settings['epochs']}; SGD lr {settings['lr']}, cosine, batch {settings['batch_size']}, "
