@@ -252,7 +252,8 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         dense_macs, fit_macs = forward_macs(loop)
         history = loop.run()
         dense, fit = history[-1].dense, loop.progress.finetune.fit
-        macs = 3 * dense_macs * images * (g - 1) * e + fit_macs * images * (g - 1) + (3 * fit_macs + dense_macs) * images * e
+        macs = (3 * dense_macs * images * (g - 1) * e + fit_macs * images * (g - 1)  # the generations
+                + (3 * fit_macs + dense_macs) * images * e)  # the fit trained, the dense network teaching
     elif arm in ("long", "long-distill"):
         distill = FitDistillation(start_generation=1).identity() if arm == "long-distill" else None
         loop = build(1, total, distill_fit=distill)
