@@ -455,7 +455,10 @@ def main(argv=None) -> int:
     settings.update(data=str(Path(args.data).resolve()) if args.data else None,
                     image_size=args.image_size or default_size,
                     augment=(args.augment or default_augmentation(args.image_size or default_size)) if args.data else None,
-                    threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
+                    # the cores shared out, no more than OMP_NUM_THREADS allows: OpenMP threads that
+                    # outnumber the free cores wait for each other, many times slower
+                    threads=max(1, min(cores // args.workers, torch.get_num_threads())) if args.device == "cpu"
+                    else cores,
                     kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
     # Fail here, in one line, on settings or data that cannot give the small-data regime.
     check_rate(args.rate)

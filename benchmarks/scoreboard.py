@@ -579,7 +579,10 @@ def main(argv=None) -> int:
                 if key not in ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name")}
     settings.update(data=str(Path(args.data).resolve()) if args.data else None,
                     augment=(args.augment or default_augmentation(args.image_size)) if args.data else None,
-                    threads=max(1, cores // args.workers) if args.device == "cpu" else cores,
+                    # the cores shared out, no more than OMP_NUM_THREADS allows: OpenMP threads that
+                    # outnumber the free cores wait for each other, many times slower
+                    threads=max(1, min(cores // args.workers, torch.get_num_threads())) if args.device == "cpu"
+                    else cores,
                     kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
     check_rate(args.rate)  # a bad setting or data set fails here, in one line
     seed_data(settings, 0)
