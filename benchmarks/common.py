@@ -293,6 +293,19 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="jobs run side by side (default: one per CPU core, one on CUDA)")
 
 
+def settings_digest(settings: dict) -> str:
+    """A short name for a job's settings: finished jobs are kept in files named by it.
+
+    Example:
+        >>> settings_digest({"a": 1, "b": 2}) == settings_digest({"b": 2, "a": 1})
+        True
+    """
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def run_script(name: str, main: Callable[[], int]) -> int:
     """``main()``'s exit status; a :class:`~kecompress.KecompressError` (a bad setting, model or
     data) ends it in one line naming the script, with status 2, as the command line does.

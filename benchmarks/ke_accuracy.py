@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shlex
@@ -44,7 +43,7 @@ from rich.console import Console
 
 import kecompress
 from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, machine,
-                    machine_line, markdown_table, rich_table, run_script, write_report)
+                    machine_line, markdown_table, rich_table, run_script, settings_digest, write_report)
 from kecompress import data as datasets
 from kecompress.augment import default_augmentation
 from kecompress import experiment
@@ -437,10 +436,6 @@ def parse_args(argv):
     cores = os.cpu_count() or 1
     args.workers = args.workers or (1 if args.device.startswith("cuda") else min(cores, 3 * len(args.seeds)))
     return args
-
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import os
 import shlex
@@ -60,7 +59,7 @@ from torch.utils.data import Dataset
 
 import kecompress
 from common import (add_small_data_options, add_training_options, at_least, machine, machine_line, markdown_table,
-                    mean_std, paired, rich_table, run_script, write_report)
+                    mean_std, paired, rich_table, run_script, settings_digest, write_report)
 from kecompress import data as datasets
 from kecompress import experiment
 from kecompress.augment import default_augmentation
@@ -310,10 +309,6 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
 
 
 # --- running the jobs ----------------------------------------------------------------------
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
 
 def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, workers: int) -> dict:
     """Every (arm, seed) job's result: kept from ``work_dir`` where it finished before, run otherwise,
