@@ -10,6 +10,8 @@ generations of ``--epochs`` epochs in each variant:
   no label term, from the first step);
 - ``distill-from-2``: the same from generation 2 on (generation 1 is then plain training), the
   default of ``--distill-fit``, chosen from these measurements;
+- ``distill-ramp``: from the first step, its weight raised linearly from 0 over generation 1
+  (``--distill-from 1 --distill-ramp EPOCHS``);
 - ``distill-t4-labels``: temperature 4 and the fit's own loss on the labels beside it, from the first step;
 - ``ke-finetune``: plain KE, then the fit fine-tuned alone for ``--epochs`` epochs with knowledge
   distillation from the dense network;
@@ -46,6 +48,8 @@ VARIANTS = {
     "ke": {},
     "distill-from-1": {"distill_fit": {"start_generation": 1}},
     "distill-from-2": {"distill_fit": {"start_generation": 2}},
+    # from the first step, its weight raised linearly over generation 1 (--distill-from 1 --distill-ramp E)
+    "distill-ramp": {"distill_fit": {"start_generation": 1, "ramp_epochs": "one generation"}},
     "distill-t4-labels": {"distill_fit": {"temperature": 4.0, "label_weight": 1.0, "start_generation": 1}},
     "ke-finetune": {"finetune_fit": {}},
     "fit-scratch": {"from_scratch": True},
@@ -82,7 +86,9 @@ def run_job(settings: dict) -> dict:
         image_size=settings["image_size"], batch_size=settings["batch_size"],
         training=TrainingConfig(generations=1 if scratch else generations,
                                 epochs=generations * epochs if scratch else epochs, lr=settings["lr"], seed=seed),
-        distill_fit=None if distill is None else FitDistillation(**distill).identity(),
+        distill_fit=None if distill is None else FitDistillation(
+            **{**distill, **({"ramp_epochs": epochs} if distill.get("ramp_epochs") == "one generation" else {})}
+        ).identity(),
         finetune_fit=None if finetune is None else FitFinetuning(settings["epochs"], **finetune).identity())
     train, test, classes = experiment.load_data(dataclasses.replace(config, seed=0))  # one test set for all seeds
     started = time.perf_counter()

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -64,19 +65,22 @@ class MixedPrecision:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Back-propagate ``loss`` and step ``optimizer``, through the scaler for fp16.
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          before_step: Callable[[], None] | None = None) -> None:
+        """Back-propagate ``loss`` and step ``optimizer``, through the scaler for fp16;
+        ``before_step`` is called between the two (the gradients still scaled for fp16).
 
         Example:
             >>> layer = torch.nn.Linear(2, 1)
             >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
             >>> MixedPrecision("fp32").backward_and_step(layer(torch.ones(1, 2)).sum(), optimizer)
         """
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if before_step is not None:
+            before_step()
         if self.scaler is None:
-            loss.backward()
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)  # skipped when the gradients hold an inf or a NaN
         self.scaler.update()
 

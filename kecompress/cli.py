@@ -125,6 +125,8 @@ def app():
 @click.option("--distill-from", "distill_start", type=POSITIVE, default=FitDistillation.start_generation,
               help="the first generation whose steps distil the fit (measured: from the first, it pulled both "
                    "networks down)")
+@click.option("--distill-ramp", type=click.FloatRange(0), default=FitDistillation.ramp_epochs, metavar="EPOCHS",
+              help="raise the fit's distillation term linearly from 0 over its first EPOCHS epochs")
 @click.option("--finetune-fit", type=click.IntRange(0), default=0, metavar="EPOCHS",
               help="after the last generation, fine-tune the fit network alone for EPOCHS epochs with knowledge "
                    "distillation from the dense network (KELS); fit.pt is then the fine-tuned network")
@@ -149,7 +151,7 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
-           distill_label_weight, distill_start, finetune_fit, fit_only, device, precision, channels_last,
+           distill_label_weight, distill_start, distill_ramp, finetune_fit, fit_only, device, precision, channels_last,
            compile_model, tensorboard, weights, trust_model_file):
     """Train MODEL for several generations of Knowledge Evolution.
 
@@ -180,8 +182,8 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
         if compile_model:
             check_compile(torch_device)
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
-        distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start) \
-            if distill_fit else None
+        distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start,
+                                       distill_ramp) if distill_fit else None
     config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
                        split=split_method, rate=rate, align=align, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,

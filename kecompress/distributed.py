@@ -275,7 +275,13 @@ def average_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
     Example:
         >>> average_over_ranks([torch.ones(2)])  # a no-op in a single process
     """
-    if is_distributed():
-        for tensor in tensors:
-            dist.all_reduce(tensor)
-            tensor.div_(world_size())
+    if not is_distributed() or not tensors:
+        return
+    # One collective per dtype, not per tensor; in the tensors' order, the same on every rank.
+    for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):
+        group = [tensor for tensor in tensors if tensor.dtype == dtype]
+        flat = torch.cat([tensor.reshape(-1) for tensor in group])
+        dist.all_reduce(flat)
+        flat.div_(world_size())
+        for tensor, mean in zip(group, flat.split([tensor.numel() for tensor in group])):
+            tensor.copy_(mean.view_as(tensor))

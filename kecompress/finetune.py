@@ -63,7 +63,7 @@ class FinetuneStep(TrainingStep):
     Example:
         >>> student, teacher = nn.Linear(3, 2), nn.Linear(3, 2).eval()
         >>> step = FinetuneStep(student, teacher, FitFinetuning(1), nn.CrossEntropyLoss(), MixedPrecision("fp32"))
-        >>> float(step.loss(torch.zeros(1, 3), torch.tensor([0]), generation=2)) >= 0
+        >>> float(step.loss(torch.zeros(1, 3), torch.tensor([0]))) >= 0
         True
     """
 
@@ -73,7 +73,7 @@ class FinetuneStep(TrainingStep):
         super().__init__(student, loss_fn, amp, device, channels_last, ctrl_c=ctrl_c)
         self.teacher, self.finetuning = teacher, finetuning
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, generation: int) -> torch.Tensor:
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, distill_factor: float = 0.0) -> torch.Tensor:
         outputs = self.network(inputs)
         with torch.no_grad():
             teacher = self.teacher(inputs)

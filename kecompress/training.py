@@ -93,26 +93,28 @@ class TrainingStep:
         return self._network
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule,
-                 generation: int = 1) -> tuple[float, float, float]:
-        """Train on one batch of ``generation``; return the loss summed over its images, the images
-        and whether a stop was requested (``ctrl_c``, during the step included), each summed over
-        the ranks. With in-place distillation the loss is the dense and the fit network's together."""
+                 distill_factor: float = 0.0) -> tuple[float, float, float]:
+        """Train on one batch; return the loss summed over its images, the images and whether a
+        stop was requested (``ctrl_c``, during the step included), each summed over the ranks.
+        With in-place distillation (``distill_factor`` > 0: what :meth:`FitDistillation.factor`
+        gives this step) the loss is the dense and the fit network's together."""
         inputs, targets = self._to_device(inputs), targets.to(self.device)
+        distilling = bool(self.distillation and distill_factor)
         with self.amp.autocast():
-            loss = self.loss(inputs, targets, generation)
+            loss = self.loss(inputs, targets, distill_factor if distilling else 0.0)
         optimizer.zero_grad(set_to_none=True)
-        self.amp.backward_and_step(loss, optimizer)
+        self.amp.backward_and_step(loss, optimizer, before_step=self.fit_pass.add_gradients if distilling else None)
         self.amp.step_schedule(schedule)
         loss_sum, samples, stop = distributed.all_sum(
             [loss.detach().double() * len(inputs), len(inputs), self.ctrl_c.stop_requested], self.device)
         return loss_sum, samples, stop
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, generation: int) -> torch.Tensor:
-        """The loss one step minimises (under autocast)."""
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, distill_factor: float = 0.0) -> torch.Tensor:
+        """The loss one step minimises (under autocast): the fit's, times ``distill_factor``, added."""
         outputs = self.network(inputs)
         loss = self.loss_fn(outputs, targets)
-        if self.distillation and generation >= self.distillation.start_generation:
-            loss = loss + self.distillation.loss(self.fit_pass(inputs), outputs, targets, self.loss_fn)
+        if distill_factor:
+            loss = loss + distill_factor * self.distillation.loss(self.fit_pass(inputs), outputs, targets, self.loss_fn)
         return loss
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -150,12 +152,15 @@ class EpochLoop:
         resumed = loop.progress.epoch
         progress = EpochProgress(resumed.steps, resumed.loss_sum, resumed.samples) if resumed else EpochProgress()
         loop.progress.epoch = progress
+        distillation, steps = self.step.distillation, len(loader)
         for step, (inputs, targets) in enumerate(loader):
             if step < progress.steps:
                 if step + 1 == progress.steps:
                     torch.set_rng_state(resumed.rng)
                 continue
-            loss_sum, samples, stop = self.step(inputs, targets, loop.optimizer, loop.schedule, generation)
+            factor = distillation.factor(generation, epoch + (step + 1) / steps, loop.config.epochs) \
+                if distillation else 0.0
+            loss_sum, samples, stop = self.step(inputs, targets, loop.optimizer, loop.schedule, factor)
             if math.isfinite(loss_sum):
                 progress.add(loss_sum, int(samples))
             elif loop.amp.scaler is None:  # (with one, fp16's scaler skipped this step and lowered its scale)
