@@ -54,6 +54,7 @@ VARIANTS = {
     "ke-finetune": {"finetune_fit": {}},
     "fit-scratch": {"from_scratch": True},
 }
+DEFAULT = "distill-from-2"  # what --distill-fit does unless told otherwise
 FORMAT = 1  # of the jobs' files: a change of what a job computes gets a new number
 
 
@@ -138,6 +139,12 @@ def summary(results: dict[str, list[dict]]) -> tuple[list[str], list[list[str]],
             difference, verdict = paired(final[variant], final[baseline])
             compared.append(f"{difference}: {verdict}")
             verdicts.append(f"{variant} against {name}: {difference} points: {verdict}.")
+        if "distill_fit" in VARIANTS[variant] and variant != DEFAULT and DEFAULT in results:
+            for network in ("dense", "fit"):  # the other forms of distillation against --distill-fit's default
+                difference, verdict = paired([run[network][-1] for run in runs],
+                                             [run[network][-1] for run in results[DEFAULT]])
+                verdicts.append(f"{variant} against {DEFAULT} (the default), last {network} network: "
+                                f"{difference} points: {verdict}.")
         scratch = VARIANTS[variant].get("from_scratch")
         finetuned = [run["finetuned_fit"] for run in runs if run["finetuned_fit"] is not None]
         per_generation = [] if scratch else [mean_std([run[key][index] for run in runs])
