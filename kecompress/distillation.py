@@ -125,8 +125,8 @@ class FitPass:
     KELS: the slim network's modules (from :func:`~kecompress.slice_fit`), called with each
     parameter taken from the dense one through the split's mask (a view where the fit keeps the
     first channels), so that the forward and backward run on the slim shapes. WELS: the dense
-    network with the reset entries multiplied by zero. Either way the pass has BatchNorm buffers of
-    its own, so it never changes the dense network's running statistics.
+    network with the reset entries multiplied by zero. Either way the pass normalises with batch
+    statistics and keeps no running ones, so it never changes the dense network's.
 
     The backward gives the gradients to the pass's own slim tensors; :meth:`add_gradients` then
     adds them into exactly the fit entries of the dense parameters' ``.grad``. Letting autograd
@@ -155,6 +155,12 @@ class FitPass:
                     if name in split.masks:
                         param.mul_(split.masks[name].to(param.device, param.dtype))
         self.network.train()
+        # The pass normalises with batch statistics and keeps no running ones: the dense network's
+        # are never touched, and no step spends time updating statistics that nothing reads.
+        for module in self.network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.track_running_stats = False
+                module.running_mean = module.running_var = module.num_batches_tracked = None
         self.shapes = {name: param.shape for name, param in self.network.named_parameters()}
         # KELS: each mask keeps a block, the product of the channels it keeps along each dimension;
         # taking it along each dimension (a view where they are the first ones) is far cheaper
@@ -176,7 +182,7 @@ class FitPass:
         self._leaves = {name: tensor.requires_grad_() for name, tensor in self._fit_tensors(
             {name: param.detach() for name, param in self.model.named_parameters()}).items()}
         parameters = {name: self._masked(name, leaf) for name, leaf in self._leaves.items()}
-        return functional_call(self.network, {**parameters, **dict(self.network.named_buffers())}, (inputs,))
+        return functional_call(self.network, parameters, (inputs,))
 
     def add_gradients(self) -> None:
         """Add the gradients that the backward gave the last pass into the fit entries of the
