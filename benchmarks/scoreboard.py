@@ -348,8 +348,9 @@ def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, 
                 result = future.result()
                 save_json(result, path(arm, seed))  # kept at once: a rerun continues
                 jobs[arm, seed] = result
-                print(f"{arm} seed {seed}: dense {result['dense_accuracy']}, fit {result['fit_accuracy']} "
-                      f"({result['seconds'] / 60:.1f} min)", flush=True)
+                dense, fit = (f"{100 * result[key]:.1f}%" if result[key] is not None else "-"
+                              for key in ("dense_accuracy", "fit_accuracy"))
+                print(f"{arm} seed {seed}: dense {dense}, fit {fit} ({result['seconds'] / 60:.1f} min)", flush=True)
     return jobs
 
 
