@@ -47,7 +47,8 @@ class FitDistillation:
     weight: float = 1.0
     label_weight: float = 0.0
     # Measured (docs/distillation.md): from the first step it pulled the dense and the fit network
-    # down; from generation 2 on the fit ended beside the dense network.
+    # down, and ramped in over generation 1 both still ended lower; from generation 2 on the fit
+    # ended beside the dense network.
     start_generation: int = 2
     ramp_epochs: float = 0.0
 
