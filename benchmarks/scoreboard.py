@@ -374,18 +374,28 @@ def mean_of(results: dict, arm: str, key: str) -> float | None:
 
 def recommend(results: dict) -> str:
     """The cheapest arm (by training MACs) whose fit network is not worse, beyond two standard
-    errors of the paired differences, than the arm with the best mean fit accuracy.
+    errors of the paired differences, than the arm with the best mean fit accuracy, among the
+    arms whose mean fit no cheaper arm beats (a spread-out arm must not win a tie that a cheaper,
+    better arm lost).
 
     Example:
         >>> row = lambda fit, macs: {"seed": 0, "dense_accuracy": None, "fit_accuracy": fit, "train_macs": macs, "seconds": 1}
         >>> recommend({"arms": {"a": {"per_seed": [row(0.9, 10), row(0.8, 10)]},
         ...                     "b": {"per_seed": [row(0.89, 5), row(0.81, 5)]}}})
         'b'
+        >>> recommend({"arms": {"best": {"per_seed": [row(0.9, 10), row(0.9, 10), row(0.9, 10)]},
+        ...                     "cheap": {"per_seed": [row(0.8, 1), row(0.8, 1), row(0.81, 1)]},
+        ...                     "spread": {"per_seed": [row(0.95, 5), row(0.4, 5), row(0.9, 5)]}}})
+        'best'
     """
-    best = max(results["arms"], key=lambda arm: mean_of(results, arm, "fit_accuracy"))
-    tied = [arm for arm in results["arms"]
+    fit, cost = {}, {}
+    for arm in results["arms"]:
+        fit[arm], cost[arm] = mean_of(results, arm, "fit_accuracy"), mean_of(results, arm, "train_macs")
+    best = max(fit, key=fit.get)
+    undominated = [arm for arm in fit if not any(cost[other] < cost[arm] and fit[other] > fit[arm] for other in fit)]
+    tied = [arm for arm in undominated
             if arm == best or paired(fit_values(results, arm), fit_values(results, best))[1] != "worse"]
-    return min(tied, key=lambda arm: mean_of(results, arm, "train_macs"))
+    return min(tied, key=cost.get)
 
 
 def table_rows(results: dict) -> list[list[str]]:
@@ -424,7 +434,7 @@ def verdict_lines(results: dict) -> list[str]:
     fit = mean_of(results, chosen, "fit_accuracy")
     lines.append(f"Recommended: **{chosen}** (fit {100 * fit:.1f}%, {mean_of(results, chosen, 'train_macs') / 1e12:.2f} "
                  "TMACs of training): the cheapest arm whose fit network is not worse, beyond two standard errors, "
-                 "than the best mean fit.")
+                 "than the best mean fit, among the arms that no cheaper arm beats on mean fit.")
     for baseline in (name for name in BASELINES if name in arms and name != chosen):
         difference, verdict = paired(fit_values(results, chosen), fit_values(results, baseline))
         cost = mean_of(results, chosen, "train_macs") / mean_of(results, baseline, "train_macs")

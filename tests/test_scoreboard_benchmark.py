@@ -71,6 +71,16 @@ def test_the_recommendation_is_the_cheapest_arm_not_worse_than_the_best(board):
     assert board.recommend(results) == "tied-cheaper"
 
 
+def test_a_spread_out_arm_that_a_cheaper_arm_beats_on_mean_is_not_recommended(board):
+    # Measured so on the noisy digits: KE's fit tied the best arm only through its spread, while
+    # the cheaper small-scratch arm had the higher mean but lost to the best beyond two standard errors.
+    results = {"arms": {
+        "best": {"per_seed": [row(0.83, 10), row(0.84, 10, 1), row(0.82, 10, 2)]},
+        "cheaper-worse": {"per_seed": [row(0.79, 1), row(0.80, 1, 1), row(0.78, 1, 2)]},
+        "spread": {"per_seed": [row(0.90, 5), row(0.60, 5, 1), row(0.80, 5, 2)]}}}
+    assert board.recommend(results) == "best"
+
+
 def test_a_run_writes_the_results_json_and_a_rerun_keeps_its_jobs(tmp_path):
     command = [sys.executable, str(SCRIPT), "--arms", "ke,long,small-kd", "--generations", "2", "--epochs", "1", "--seeds", "2", "--per-class", "3",
             "--image-size", "8", "--workers", "1", "--work-dir", str(tmp_path / "work"),
