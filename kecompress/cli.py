@@ -159,11 +159,11 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     pip install 'kecompress[timm]'), or a .pt file holding a whole model.
 
     For a slim network on small data, the scoreboard in docs/results.md measured the fit-sized
-    network trained from scratch best on both data sets (--fit-only --generations 1, all the
-    epochs in --epochs): KE's fit, distilled in place (--distill-fit) or fine-tuned
-    (--finetune-fit E), tied or lost to it at about four times the training cost. KE stays the
-    default, the method this tool implements; for the dense network, KE and --forget
-    shrink-perturb each beat one network trained as long on one data set and tied it on the other.
+    network trained from scratch best or tied-best on three of its four tables (--fit-only
+    --generations 1, all the epochs in --epochs): KE's fit, distilled in place (--distill-fit) or
+    fine-tuned (--finetune-fit E), tied or lost to it at about four times the training cost. For
+    the dense network, --forget shrink-perturb was best on three of the four. KE stays the
+    default, the method this tool implements.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
     with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
