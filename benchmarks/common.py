@@ -306,6 +306,33 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def job_settings(args: argparse.Namespace, skipped: Sequence[str], image_size: int, job_format: int) -> dict:
+    """What makes a benchmark's job the same job (and names its file): every option but those
+    ``skipped`` (where and how many run), the data resolved, its augmentation, the threads a job
+    gets and the versions.
+
+    Example:
+        >>> args = argparse.Namespace(data=None, augment=None, workers=2, device="cpu", seeds=[0])
+        >>> sorted(job_settings(args, ["seeds", "workers"], 32, job_format=1))[:4]
+        ['augment', 'data', 'device', 'image_size']
+    """
+    import torch
+
+    import kecompress
+    from kecompress.augment import default_augmentation
+
+    cores = os.cpu_count() or 1
+    settings = {key: value for key, value in vars(args).items() if key not in skipped}
+    settings.update(data=str(Path(args.data).resolve()) if args.data else None, image_size=image_size,
+                    augment=(args.augment or default_augmentation(image_size)) if args.data else None,
+                    # the cores shared out, no more than OMP_NUM_THREADS allows: OpenMP threads that
+                    # outnumber the free cores wait for each other, many times slower
+                    threads=max(1, min(cores // args.workers, torch.get_num_threads())) if args.device == "cpu"
+                    else cores,
+                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=job_format)
+    return settings
+
+
 def run_script(name: str, main: Callable[[], int]) -> int:
     """``main()``'s exit status; a :class:`~kecompress.KecompressError` (a bad setting, model or
     data) ends it in one line naming the script, with status 2, as the command line does.

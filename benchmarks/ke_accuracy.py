@@ -41,11 +41,9 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-import kecompress
-from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, machine,
-                    machine_line, markdown_table, rich_table, run_script, settings_digest, write_report)
+from common import (add_small_data_options, add_training_options, at_least, fit_sized_from_scratch, job_settings,
+                    machine, machine_line, markdown_table, rich_table, run_script, settings_digest, write_report)
 from kecompress import data as datasets
-from kecompress.augment import default_augmentation
 from kecompress import experiment
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -442,19 +440,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    cores = os.cpu_count() or 1
-    # What makes a job the same job (and names its file): every option but where and how many run.
-    settings = {key: value for key, value in vars(args).items()
-                if key not in ("seeds", "workers", "work_dir", "out_dir")}
     default_size = datasets.FOLDER_IMAGE_SIZE if args.data else datasets.DEMO_IMAGE_SIZE
-    settings.update(data=str(Path(args.data).resolve()) if args.data else None,
-                    image_size=args.image_size or default_size,
-                    augment=(args.augment or default_augmentation(args.image_size or default_size)) if args.data else None,
-                    # the cores shared out, no more than OMP_NUM_THREADS allows: OpenMP threads that
-                    # outnumber the free cores wait for each other, many times slower
-                    threads=max(1, min(cores // args.workers, torch.get_num_threads())) if args.device == "cpu"
-                    else cores,
-                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
+    settings = job_settings(args, ("seeds", "workers", "work_dir", "out_dir"), args.image_size or default_size,
+                            JOB_FORMAT)
     # Fail here, in one line, on settings or data that cannot give the small-data regime.
     check_rate(args.rate)
     pool, test, classes = experiment.load_data(run_config(settings, generations=args.generations, epochs=args.epochs))

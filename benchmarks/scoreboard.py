@@ -58,11 +58,10 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 import kecompress
-from common import (add_small_data_options, add_training_options, at_least, machine, machine_line, markdown_table,
-                    mean_std, paired, rich_table, run_script, settings_digest, write_report)
+from common import (add_small_data_options, add_training_options, at_least, job_settings, machine, machine_line,
+                    markdown_table, mean_std, paired, rich_table, run_script, settings_digest, write_report)
 from kecompress import data as datasets
 from kecompress import experiment
-from kecompress.augment import default_augmentation
 from kecompress.bench import count_macs_params
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -579,17 +578,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    cores = os.cpu_count() or 1
-    # What makes a job the same job (and names its file): every option but where and how many run.
-    settings = {key: value for key, value in vars(args).items()
-                if key not in ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name")}
-    settings.update(data=str(Path(args.data).resolve()) if args.data else None,
-                    augment=(args.augment or default_augmentation(args.image_size)) if args.data else None,
-                    # the cores shared out, no more than OMP_NUM_THREADS allows: OpenMP threads that
-                    # outnumber the free cores wait for each other, many times slower
-                    threads=max(1, min(cores // args.workers, torch.get_num_threads())) if args.device == "cpu"
-                    else cores,
-                    kecompress=kecompress.__version__, torch=torch.__version__, job_format=JOB_FORMAT)
+    settings = job_settings(args, ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name"),
+                            args.image_size, JOB_FORMAT)
     check_rate(args.rate)  # a bad setting or data set fails here, in one line
     seed_data(settings, 0)
     args.work_dir.mkdir(parents=True, exist_ok=True)
