@@ -39,7 +39,7 @@ def reset_channel_scale(model: nn.Module, split) -> float | None:
 
     Example:
         >>> import kecompress
-        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
         >>> reset_channel_scale(model, kecompress.split(model, "kels", 0.5, example_inputs=torch.zeros(1, 3, 4, 4)))
         1.0
     """
