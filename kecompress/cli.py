@@ -181,6 +181,8 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     A run is repeated with --config RUN_DIR/config.json --out NEW_DIR.
     """
     forget_from, shrink, perturb = _forgetting_options_of(click.get_current_context(), forget_from, shrink, perturb)
+    if _from_file_beside(click.get_current_context(), "num_classes", "data"):  # the classes of the file's data
+        num_classes = None
     distributed.setup(device)  # first: errors found on one rank below are then shared with all
     if not distributed.is_main():  # rank 0 shows each warning once; errors still show
         warnings.simplefilter("ignore")
@@ -277,10 +279,15 @@ def _read_run_file(ctx: click.Context, path: Path | None) -> None:
 
 def _forgetting_options_of(ctx: click.Context, forget_from, shrink, perturb):
     """A --forget given on the command line drops the settings that --config gave another strategy."""
-    if ctx.get_parameter_source("forget") is not ParameterSource.COMMANDLINE:
-        return forget_from, shrink, perturb
-    return tuple(None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT_MAP else value
+    return tuple(None if _from_file_beside(ctx, name, "forget") else value
                  for name, value in (("forget_from", forget_from), ("shrink", shrink), ("perturb", perturb)))
+
+
+def _from_file_beside(ctx: click.Context, name: str, given: str) -> bool:
+    """Whether option ``name`` came from --config while option ``given``, which it depends on, came
+    from the command line: the file's value belonged to the file's ``given``."""
+    return (ctx.get_parameter_source(name) is ParameterSource.DEFAULT_MAP
+            and ctx.get_parameter_source(given) is ParameterSource.COMMANDLINE)
 
 
 def _print_run_file(config: RunConfig, where: str) -> None:

@@ -51,6 +51,10 @@ def test_command_line_options_override_the_file(tmp_path, capsys):
     assert 'epochs = 4\n' in written and 'lr = 0.05\n' in written
     assert '[forget]\nname = "ke"\n\n' in written  # llf's start went with llf
     assert 'model = "mobilenet_v3_small"' in print_config(capsys, "mobilenet_v3_small", "--config", path)
+    # A run's classes are its data's: other data on the command line has its own.
+    path.write_text('model = "resnet18"\nnum_classes = 10\n')
+    assert "num_classes = 10\n" in print_config(capsys, "--config", path)
+    assert "num_classes" not in print_config(capsys, "--config", path, "--data", tmp_path)
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
