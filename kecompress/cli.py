@@ -34,7 +34,7 @@ from .errors import KecompressError
 from .evaluation import parameter_count
 from .export import DEFAULT_EXPORTER, EXPORTERS, LOWEST_OPSET, MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, \
     export_table
-from .files import staged_directory
+from .files import atomic_path, staged_directory
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
 from .info import info_view, split_info
 from .interrupt import RunInterrupted
@@ -300,7 +300,8 @@ def _print_run_file(config: RunConfig, where: str) -> None:
     path = Path(where)
     if path.exists():
         raise KecompressError(f"--print-config {path} exists: choose another file name, or remove it first")
-    path.write_text(run_file_text(config, as_toml=path.suffix.lower() == ".toml"))
+    with atomic_path(path) as target:
+        Path(target).write_text(run_file_text(config, as_toml=path.suffix.lower() == ".toml"))
     click.echo(f"settings written to {path}: run them with kecompress evolve --config {shlex.quote(str(path))}")
 
 
