@@ -29,6 +29,7 @@ QUESTIONS = {  # the arms and settings of each question (the command line overri
                               "ke-finetune", "small-scratch"), "generations": 3, "epochs": 10, "seeds": 5,
                      "test_fraction": 0.2},
 }
+NEEDS = {"generations": ("ke", "long", "small-scratch"), "distillation": ("ke",)}  # the arms a report reads
 
 
 # --- measured beside every generation ------------------------------------------------------

@@ -72,7 +72,7 @@ from torch.utils.data import Dataset
 import kecompress
 from common import (add_small_data_options, add_training_options, at_least, job_settings, machine, machine_line,
                     markdown_table, mean_std, paired, rich_table, run_script, settings_digest, write_report)
-from questions import QUESTIONS, REPORTS, GenerationProbe, write_generations_chart
+from questions import NEEDS, QUESTIONS, REPORTS, GenerationProbe, write_generations_chart
 from kecompress import data as datasets
 from kecompress import experiment
 from kecompress.bench import count_macs_params
@@ -623,6 +623,8 @@ def parse_args(argv):
         arm for arm in every if arm not in DISTILLATION_ARMS]
     if unknown := [arm for arm in args.arms if arm not in every]:
         parser.error(f"--arms: {', '.join(unknown)} not arms of --split {args.split}; choose from {', '.join(every)}")
+    if args.question and (missing := [arm for arm in NEEDS[args.question] if arm not in args.arms]):
+        parser.error(f"--question {args.question} compares against {', '.join(missing)}: add it to --arms")
     args.seeds = list(range(args.seeds))
     args.workers = args.workers or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     data_name = Path(args.data).name if args.data else "digits"

@@ -2,6 +2,7 @@
 run end to end that writes the JSON the issue names and keeps its jobs for a rerun."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -198,3 +199,10 @@ def test_the_questions_write_their_reports_and_share_their_jobs(tmp_path):
     report = (tmp_path / "docs" / "generations.md").read_text()
     assert "| 2 | 2 |" in report and "(30 in all)" in report and "## Verdict" in report
     assert (tmp_path / "docs" / "generations.png").stat().st_size > 10_000
+
+
+def test_a_question_without_the_arms_it_compares_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--question", "generations", "--arms", "ke,long",
+                             "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--question generations compares against small-scratch: add it to --arms" in result.stderr
+    assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
