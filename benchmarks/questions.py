@@ -4,6 +4,7 @@
                    fit-sized network from scratch: docs/generations.md and .png
     distillation   the fit network learning from the dense one (in-place distillation in its forms,
                    fine-tuning) against plain KE and the fit-sized network: docs/distillation.md
+    augmentation   one network trained with each augmentation of --data: augmentation.md (docs/data.md's table)
 
 Each is written from the scoreboard's jobs: a KE arm's job keeps its ``history``, one record a
 generation with what :class:`GenerationProbe` measured beside it.
@@ -28,8 +29,11 @@ QUESTIONS = {  # the arms and settings of each question (the command line overri
     "distillation": {"arms": ("ke", "ke-distill", "distill-from-1", "distill-ramp", "distill-t4-labels",
                               "ke-finetune", "small-scratch"), "generations": 3, "epochs": 10, "seeds": 5,
                      "test_fraction": 0.2},
+    "augmentation": {"arms": ("augment-resized-crop", "augment-pad-crop", "augment-none"), "per_class": 0,
+                     "generations": 2, "epochs": 15, "seeds": 3},
 }
-NEEDS = {"generations": ("ke", "long", "small-scratch"), "distillation": ("ke",)}  # the arms a report reads
+NEEDS = {"generations": ("ke", "long", "small-scratch"), "distillation": ("ke",),  # the arms a report reads
+         "augmentation": ("augment-resized-crop",)}
 
 
 # --- measured beside every generation ------------------------------------------------------
@@ -302,4 +306,25 @@ def distillation_report(jobs: dict, seeds: list[int], measured: dict) -> list[st
         *[f"- {line}" for line in said], ""]
 
 
-REPORTS = {"generations": generations_report, "distillation": distillation_report}
+# --- augmentation ------------------------------------------------------------------------
+
+def augmentation_report(jobs: dict, seeds: list[int], measured: dict) -> list[str]:
+    """Each augmentation's network against resized-crop's (ImageNet's, what every image folder got before)."""
+    before = [jobs["augment-resized-crop", seed]["dense_accuracy"] for seed in seeds]
+    rows = []
+    for arm in measured["results"]["arms"]:
+        values = [jobs[arm, seed]["dense_accuracy"] for seed in seeds]
+        difference, verdict = paired(values, before) if arm != "augment-resized-crop" else ("", "")
+        rows.append([arm.removeprefix("augment-"), mean_std(values), difference, verdict])
+    settings = measured["settings"]
+    return ["# Augmentation of small images: measured", "",
+            f"Measured {measured['date']} on {measured['machine']}. Command: `{measured['command']}`.", "",
+            f"{settings['arch']} trained once for {settings['generations'] * settings['epochs']} epochs (no KE: the "
+            f"scoreboard's long arm) with each augmentation of `{Path(settings['data']).name}` at "
+            f"{settings['image_size']} px, {measured['training_images']} training images, a test set of "
+            f"{measured['test_images']}; test accuracy (%), mean ± std over {len(seeds)} seeds, paired per seed:", "",
+            *markdown_table(["augmentation", "test accuracy", "− resized-crop (points)", "verdict"], rows)]
+
+
+REPORTS = {"generations": generations_report, "distillation": distillation_report,
+           "augmentation": augmentation_report}

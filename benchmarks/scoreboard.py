@@ -20,11 +20,12 @@ same training images, with the same loss, optimizer and schedule shape, seed by 
     lottery         for --split wels: iterative magnitude pruning with rewinding to the end of the first
                     epoch (Frankle et al., ICLR 2019 and ICML 2020), G rounds of E epochs, to the WELS fit's sparsity
 
-and, chosen with --arms (the distillation question's), in-place distillation's other forms:
+and, chosen with --arms (the distillation and augmentation questions'):
 
     distill-from-1     from the first step (temperature 1, weight 1, no label term: the slimmable networks' form)
     distill-ramp       from the first step, its weight raised linearly from 0 over generation 1
     distill-t4-labels  from the first step, temperature 4, the fit's own loss on the labels beside it
+    augment-NAME       the long arm with --data augmented by NAME (resized-crop, pad-crop, none)
 
 An arm's cost is its training's multiply-accumulates: 3x the forward MACs of every network trained
 per image (forward and backward), a teacher's forward pass per image, the in-place distillation
@@ -48,6 +49,8 @@ docs/generations.md (KE generation by generation) or docs/distillation.md. Finis
     .venv/bin/python benchmarks/scoreboard.py --question generations --data /tmp/animals --per-class 0 \
         --out-dir docs/animals                                           # docs/animals/generations.md
     .venv/bin/python benchmarks/scoreboard.py --question distillation  # docs/distillation.md: about 30 min
+    .venv/bin/python benchmarks/scoreboard.py --question augmentation --data /tmp/animals --out-dir /tmp/aug
+        # docs/data.md's augmentation table (30 epochs, 3 seeds), written to /tmp/aug/augmentation.md
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from common import (add_small_data_options, add_training_options, at_least, job_
 from questions import NEEDS, QUESTIONS, REPORTS, GenerationProbe, write_generations_chart
 from kecompress import data as datasets
 from kecompress import experiment
+from kecompress.augment import AUGMENTATIONS
 from kecompress.bench import count_macs_params
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -90,6 +94,7 @@ KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-r
              "small-scratch", "small-kd", "small-ban")
 WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery")
 DISTILLATION_ARMS = ("distill-from-1", "distill-ramp", "distill-t4-labels")  # only when --arms names them
+AUGMENT_ARMS = tuple(f"augment-{name}" for name in AUGMENTATIONS)  # likewise
 FORGETTING = {"ke": "ke", "llf": "llf", "shrink-perturb": "shrink-perturb", "warm-restart": "none"}
 # The arms whose jobs keep every generation's record, with GenerationProbe's measurements.
 PROBED = (*FORGETTING, "ke-distill", *DISTILLATION_ARMS, "ke-finetune", "long", "long-distill")
@@ -254,6 +259,8 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
     such network), training MACs and wall time."""
     torch.set_num_threads(settings["threads"])
     started = time.perf_counter()
+    if arm in AUGMENT_ARMS:  # the arm's augmentation of --data, not the settings'
+        settings = {**settings, "augment": arm.removeprefix("augment-")}
     data = seed_data(settings, seed)
     images = len(data[0])
     g, e = settings["generations"], settings["epochs"]
@@ -283,7 +290,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         dense, fit = history[-1].dense, loop.progress.finetune.fit
         macs = (3 * dense_macs * images * (g - 1) * e + fit_macs * images * (g - 1)  # the generations
                 + (3 * fit_macs + dense_macs) * images * e)  # the fit trained, the dense network teaching
-    elif arm in ("long", "long-distill"):
+    elif arm in ("long", "long-distill", *AUGMENT_ARMS):
         distill = FitDistillation(start_generation=1).identity() if arm == "long-distill" else None
         loop = build(1, total, distill_fit=distill)
         dense_macs, fit_macs = forward_macs(loop)
@@ -618,11 +625,13 @@ def parse_args(argv):
         parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     if not 0 <= args.label_noise < 1:
         parser.error(f"--label-noise must be in [0, 1), got {args.label_noise}")
-    every = (KELS_ARMS if args.split == "kels" else WELS_ARMS) + DISTILLATION_ARMS
+    every = (KELS_ARMS if args.split == "kels" else WELS_ARMS) + DISTILLATION_ARMS + AUGMENT_ARMS
     args.arms = [arm.strip() for arm in args.arms.split(",")] if args.arms else [
-        arm for arm in every if arm not in DISTILLATION_ARMS]
+        arm for arm in every if arm not in DISTILLATION_ARMS + AUGMENT_ARMS]
     if unknown := [arm for arm in args.arms if arm not in every]:
         parser.error(f"--arms: {', '.join(unknown)} not arms of --split {args.split}; choose from {', '.join(every)}")
+    if not args.data and any(arm in AUGMENT_ARMS for arm in args.arms):
+        parser.error("the augment-* arms augment an image folder's training images: pass --data DIR")
     if args.question and (missing := [arm for arm in NEEDS[args.question] if arm not in args.arms]):
         parser.error(f"--question {args.question} compares against {', '.join(missing)}: add it to --arms")
     args.seeds = list(range(args.seeds))

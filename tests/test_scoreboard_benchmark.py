@@ -206,3 +206,24 @@ def test_a_question_without_the_arms_it_compares_is_refused(tmp_path):
                              "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--question generations compares against small-scratch: add it to --arms" in result.stderr
     assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_augmentation_question_trains_one_network_with_each_augmentation(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index, (image, label) in enumerate(zip(digits.images[:60], digits.target[:60])):
+        folder = tmp_path / "data" / ("val" if index % 3 == 0 else "train") / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 16).clip(0, 255).astype("uint8")).convert("RGB").save(folder / f"{index}.png")
+    result = run_benchmark([sys.executable, str(SCRIPT), "--question", "augmentation", "--data", str(tmp_path / "data"),
+                            "--epochs", "1", "--seeds", "2", "--image-size", "8", "--batch-size", "64", "--workers", "1",
+                            "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "docs")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "docs" / "augmentation.md").read_text()
+    assert "trained once for 2 epochs" in report and "40 training images, a test set of 20" in report
+    for name in ("resized-crop", "pad-crop", "none"):
+        assert f"| {name} |" in report
+    jobs = [json.loads(path.read_text()) for path in (tmp_path / "work").glob("augment-*.json")]
+    assert sorted({job["settings"]["augment"] for job in jobs}) == ["none", "pad-crop", "resized-crop"]
