@@ -8,7 +8,7 @@ and writes a seeded sample of each class as ``OUT/train/<animal>/*.png`` and ``O
 
     pip download --no-deps animal-mnist==0.4 -d /tmp/wheels
     python benchmarks/animal_shapes.py /tmp/wheels/animal_mnist-0.4-py3-none-any.whl /tmp/animals
-    python benchmarks/ke_accuracy.py --data /tmp/animals --per-class 0 --image-size 32 --out-dir docs/animals
+    python benchmarks/scoreboard.py --question generations --data /tmp/animals --per-class 0 --out-dir docs/animals
 """
 
 from __future__ import annotations

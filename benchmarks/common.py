@@ -418,22 +418,3 @@ def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:
     text = f"{mean:+.1f} ± {spread:.1f} ({', '.join(f'{d:+.1f}' for d in differences)})"
     return text, ("better" if mean > 0 else "worse") if beyond else "within noise"
 
-
-# -- baselines -----------------------------------------------------------------------------------
-def fit_sized_from_scratch(loop, callbacks=()):
-    """The baseline that matters for a slim network (Liu et al., "Rethinking the Value of Network
-    Pruning", ICLR 2019): the fit-sized network of ``loop``'s split (:func:`kecompress.slim.fit_sized`,
-    drawn from the random state as it is), as a loop of ``loop``'s data, loss and schedule with
-    nothing to reset. ``kecompress evolve --fit-only`` trains the same network from its own seed.
-
-    Example:
-        >>> # fit_sized_from_scratch(experiment.build(config_of_one_long_generation)).run()
-    """
-    import kecompress
-    from kecompress.evolution import Evolution
-    from kecompress.slim import fit_sized
-
-    slim, _ = fit_sized(loop.model, loop.split.rate, loop.split.align, loop.example_input())
-    nothing_to_reset = kecompress.split(slim, "kels", 1.0, example_inputs=loop.example_input(), seed=loop.split.seed)
-    return Evolution(slim, nothing_to_reset, loop.train_loader, loop.val_loader, loop.config, loss_fn=loop.loss_fn,
-                     device=loop.device, example_inputs=loop.example_input(), callbacks=callbacks)

@@ -20,6 +20,13 @@ same training images, with the same loss, optimizer and schedule shape, seed by 
     lottery         for --split wels: iterative magnitude pruning with rewinding to the end of the first
                     epoch (Frankle et al., ICLR 2019 and ICML 2020), G rounds of E epochs, to the WELS fit's sparsity
 
+and, chosen with --arms (the distillation and augmentation questions'):
+
+    distill-from-1     from the first step (temperature 1, weight 1, no label term: the slimmable networks' form)
+    distill-ramp       from the first step, its weight raised linearly from 0 over generation 1
+    distill-t4-labels  from the first step, temperature 4, the fit's own loss on the labels beside it
+    augment-NAME       the long arm with --data augmented by NAME (resized-crop, pad-crop, none)
+
 An arm's cost is its training's multiply-accumulates: 3x the forward MACs of every network trained
 per image (forward and backward), a teacher's forward pass per image, the in-place distillation
 pass, the BatchNorm re-estimation of a fit network, and for small-kd the training of its teacher
@@ -28,14 +35,22 @@ teacher's). With --label-noise P a seeded fraction P of the training labels beco
 
 Results of one data set go to docs/scoreboard/<name>.json (the per-seed figures, as --json writes
 them) and .png (accuracy against training cost); docs/results.md is then rebuilt from every data set
-measured so far (the part below its ANALYSIS marker is written by hand and kept). Finished jobs are
-kept in --work-dir, named by their settings, so a rerun continues where the last one stopped.
+measured so far (the part below its ANALYSIS marker is written by hand and kept). --question NAME
+runs a question's arms and settings instead and writes its own report (benchmarks/questions.py):
+docs/generations.md (KE generation by generation) or docs/distillation.md. Finished jobs are kept in
+--work-dir, named by their settings, so a rerun continues where the last one stopped.
 
     .venv/bin/python benchmarks/scoreboard.py                       # the digits, every arm, 5 seeds: about an hour on 2 cores
     .venv/bin/python benchmarks/scoreboard.py --label-noise 0.2
     .venv/bin/python benchmarks/scoreboard.py --data /tmp/animals --per-class 0   # Animal-Shape (benchmarks/animal_shapes.py)
     .venv/bin/python benchmarks/scoreboard.py --data DIR --per-class 0 --image-size 224 \\
         --generations 10 --epochs 200 --lr 0.256 --warmup-epochs 5 --device cuda   # the paper's setting, for a GPU
+    .venv/bin/python benchmarks/scoreboard.py --question generations   # docs/generations.md: about 45 min
+    .venv/bin/python benchmarks/scoreboard.py --question generations --data /tmp/animals --per-class 0 \
+        --out-dir docs/animals                                           # docs/animals/generations.md
+    .venv/bin/python benchmarks/scoreboard.py --question distillation  # docs/distillation.md: about 30 min
+    .venv/bin/python benchmarks/scoreboard.py --question augmentation --data /tmp/animals --out-dir /tmp/aug
+        # docs/data.md's augmentation table (30 epochs, 3 seeds), written to /tmp/aug/augmentation.md
 """
 
 from __future__ import annotations
@@ -60,8 +75,10 @@ from torch.utils.data import Dataset
 import kecompress
 from common import (add_small_data_options, add_training_options, at_least, job_settings, machine, machine_line,
                     markdown_table, mean_std, paired, rich_table, run_script, settings_digest, write_report)
+from questions import NEEDS, QUESTIONS, REPORTS, GenerationProbe, write_generations_chart
 from kecompress import data as datasets
 from kecompress import experiment
+from kecompress.augment import AUGMENTATIONS
 from kecompress.bench import count_macs_params
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
@@ -76,7 +93,11 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-restart", "long", "long-distill",
              "small-scratch", "small-kd", "small-ban")
 WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery")
+DISTILLATION_ARMS = ("distill-from-1", "distill-ramp", "distill-t4-labels")  # only when --arms names them
+AUGMENT_ARMS = tuple(f"augment-{name}" for name in AUGMENTATIONS)  # likewise
 FORGETTING = {"ke": "ke", "llf": "llf", "shrink-perturb": "shrink-perturb", "warm-restart": "none"}
+# The arms whose jobs keep every generation's record, with GenerationProbe's measurements.
+PROBED = (*FORGETTING, "ke-distill", *DISTILLATION_ARMS, "ke-finetune", "long", "long-distill")
 SMALL_KD = FitFinetuning(1, temperature=4.0, kd_weight=0.5)  # Hinton et al.'s usual form; epochs unused here
 BORN_AGAIN = FitFinetuning(1, temperature=1.0, kd_weight=0.5)
 BASELINES = ("small-scratch", "small-kd")  # what a slim network must beat
@@ -209,6 +230,19 @@ class KeepPruned(Callback):
             self.strategy.rewind = copy.deepcopy(loop.model.state_dict())
 
 
+def fit_distillation(arm: str, epochs: int) -> FitDistillation | None:
+    """The in-place distillation of a distilling KE arm (None for any other), ``epochs`` a generation's.
+
+    Example:
+        >>> fit_distillation("distill-ramp", 12).ramp_epochs, fit_distillation("ke", 12)
+        (12, None)
+    """
+    forms = {"ke-distill": FitDistillation(), "distill-from-1": FitDistillation(start_generation=1),
+             "distill-ramp": FitDistillation(start_generation=1, ramp_epochs=epochs),  # over generation 1
+             "distill-t4-labels": FitDistillation(temperature=4.0, label_weight=1.0, start_generation=1)}
+    return forms.get(arm)
+
+
 def forward_macs(loop) -> tuple[int, int]:
     """Forward MACs of one image through the dense network and through its fit (sliced for
     KELS; a WELS fit is the dense network with zeros, which dense kernels compute at full cost)."""
@@ -225,26 +259,30 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
     such network), training MACs and wall time."""
     torch.set_num_threads(settings["threads"])
     started = time.perf_counter()
+    if arm in AUGMENT_ARMS:  # the arm's augmentation of --data, not the settings'
+        settings = {**settings, "augment": arm.removeprefix("augment-")}
     data = seed_data(settings, seed)
     images = len(data[0])
     g, e = settings["generations"], settings["epochs"]
     total = g * e
     device = settings["device"]
+    probe = GenerationProbe() if arm in PROBED else None
 
     def build(generations: int, epochs: int, seed_: int = seed, **fields):
-        return experiment.build(run_config(settings, seed_, generations, epochs, **fields), data, device=device)
+        return experiment.build(run_config(settings, seed_, generations, epochs, **fields), data, device=device,
+                                callbacks=[probe] if probe else [])
 
     extra = {}
-    if arm in FORGETTING or arm == "ke-distill":
+    if arm in FORGETTING or fit_distillation(arm, e):
         forget = settings_of(from_settings({"name": FORGETTING.get(arm, "ke")}))
-        distill = FitDistillation().identity() if arm == "ke-distill" else None
-        loop = build(g, e, forget=forget, distill_fit=distill)
+        distill = fit_distillation(arm, e)
+        loop = build(g, e, forget=forget, distill_fit=distill and distill.identity())
         dense_macs, fit_macs = forward_macs(loop)
         history = loop.run()
         dense, fit = history[-1].dense, history[-1].fit
         macs = 3 * dense_macs * images * total + fit_macs * images * g  # + a re-estimation pass a generation
         if distill:
-            macs += 3 * fit_macs * images * e * (g - FitDistillation().start_generation + 1)
+            macs += 3 * fit_macs * images * e * (g - distill.start_generation + 1)
     elif arm == "ke-finetune":
         loop = build(g - 1, e, finetune_fit=FitFinetuning(e).identity())
         dense_macs, fit_macs = forward_macs(loop)
@@ -252,7 +290,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         dense, fit = history[-1].dense, loop.progress.finetune.fit
         macs = (3 * dense_macs * images * (g - 1) * e + fit_macs * images * (g - 1)  # the generations
                 + (3 * fit_macs + dense_macs) * images * e)  # the fit trained, the dense network teaching
-    elif arm in ("long", "long-distill"):
+    elif arm in ("long", "long-distill", *AUGMENT_ARMS):
         distill = FitDistillation(start_generation=1).identity() if arm == "long-distill" else None
         loop = build(1, total, distill_fit=distill)
         dense_macs, fit_macs = forward_macs(loop)
@@ -301,6 +339,8 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         extra["ticket_fraction"] = sum(int(mask.sum()) for mask in strategy.masks.values()) / loop.split.total_count()
     else:
         raise ValueError(f"unknown arm {arm}")
+    if probe:
+        extra["history"] = probe.history
     seconds = time.perf_counter() - started + extra.get("teacher_seconds", 0.0)
     return {"arm": arm, "seed": seed, "settings": settings, "dense_accuracy": dense, "fit_accuracy": fit,
             "train_macs": macs, "seconds": seconds, "training_images": images, "test_images": len(data[1]),
@@ -309,17 +349,20 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
 
 # --- running the jobs ----------------------------------------------------------------------
 
-def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, workers: int) -> dict:
-    """Every (arm, seed) job's result: kept from ``work_dir`` where it finished before, run otherwise,
-    ``workers`` at a time. small-kd waits for its seed's long arm, whose dense network it learns from."""
+def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, workers: int,
+             needs_history: bool = False) -> dict:
+    """Every (arm, seed) job's result: kept from ``work_dir`` where it finished before (with its
+    generations' history where ``needs_history`` and the arm keeps one), run otherwise, ``workers``
+    at a time. small-kd waits for its seed's long arm, whose dense network it learns from."""
     digest = settings_digest(settings)
     path = lambda arm, seed: work_dir / f"{arm}-seed{seed}-{digest}.json"  # noqa: E731
     teacher = lambda seed: work_dir / f"long-seed{seed}-{digest}.pt"  # noqa: E731
     jobs, waiting = {}, []
     for arm in arms:
         for seed in seeds:
-            if path(arm, seed).is_file():
-                jobs[arm, seed] = json.loads(path(arm, seed).read_text())
+            kept = json.loads(path(arm, seed).read_text()) if path(arm, seed).is_file() else None
+            if kept and ("history" in kept or not (needs_history and arm in PROBED)):
+                jobs[arm, seed] = kept
                 print(f"{arm} seed {seed}: kept from {path(arm, seed)}", flush=True)
             else:
                 waiting.append((arm, seed))
@@ -537,6 +580,17 @@ def write_results_md(path: Path, measured_dir: Path) -> None:
     write_report(path, lines)
 
 
+def write_question(question: str, jobs: dict, seeds: list[int], measured: dict, out_dir: Path) -> None:
+    """A question's report (and chart) in ``out_dir``, its hand-written part kept."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir / f"{question}.md", REPORTS[question](jobs, seeds, measured))
+    written = [out_dir / f"{question}.md"]
+    if question == "generations":
+        write_generations_chart(out_dir / "generations.png", jobs, seeds, measured["settings"])
+        written.append(out_dir / "generations.png")
+    print(f"wrote {' and '.join(map(str, written))}", flush=True)
+
+
 # --- main ----------------------------------------------------------------------------------
 
 def parse_args(argv):
@@ -547,6 +601,9 @@ def parse_args(argv):
                         help="the data set's name in docs/results.md (default: digits or the folder's name, "
                              "-noiseNN with label noise)")
     parser.add_argument("--split", choices=("kels", "wels"), default="kels")
+    parser.add_argument("--question", choices=tuple(QUESTIONS), default=None,
+                        help="run a question's arms and settings and write its report (docs/QUESTION.md) "
+                             "instead of results.md")
     parser.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of the split)")
     parser.add_argument("--image-size", type=at_least(1), default=32)
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels made wrong")
@@ -558,15 +615,25 @@ def parse_args(argv):
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scoreboard"), help="finished jobs are kept here")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where results.md and scoreboard/ go")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    question = parser.parse_known_args(argv)[0].question
+    if question:  # its settings become the defaults; the command line still overrides them
+        preset = QUESTIONS[question]
+        parser.set_defaults(**{key: value for key, value in preset.items() if key != "arms"},
+                            arms=",".join(preset["arms"]))
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     if not 0 <= args.label_noise < 1:
         parser.error(f"--label-noise must be in [0, 1), got {args.label_noise}")
-    every = KELS_ARMS if args.split == "kels" else WELS_ARMS
-    args.arms = [arm.strip() for arm in args.arms.split(",")] if args.arms else list(every)
+    every = (KELS_ARMS if args.split == "kels" else WELS_ARMS) + DISTILLATION_ARMS + AUGMENT_ARMS
+    args.arms = [arm.strip() for arm in args.arms.split(",")] if args.arms else [
+        arm for arm in every if arm not in DISTILLATION_ARMS + AUGMENT_ARMS]
     if unknown := [arm for arm in args.arms if arm not in every]:
         parser.error(f"--arms: {', '.join(unknown)} not arms of --split {args.split}; choose from {', '.join(every)}")
+    if not args.data and any(arm in AUGMENT_ARMS for arm in args.arms):
+        parser.error("the augment-* arms augment an image folder's training images: pass --data DIR")
+    if args.question and (missing := [arm for arm in NEEDS[args.question] if arm not in args.arms]):
+        parser.error(f"--question {args.question} compares against {', '.join(missing)}: add it to --arms")
     args.seeds = list(range(args.seeds))
     args.workers = args.workers or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     data_name = Path(args.data).name if args.data else "digits"
@@ -578,13 +645,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    settings = job_settings(args, ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name"),
+    settings = job_settings(args, ("seeds", "workers", "work_dir", "out_dir", "json", "arms", "name", "question"),
                             args.image_size, JOB_FORMAT)
     check_rate(args.rate)  # a bad setting or data set fails here, in one line
     seed_data(settings, 0)
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    jobs = run_jobs(args.arms, args.seeds, settings, args.work_dir, args.workers)
+    jobs = run_jobs(args.arms, args.seeds, settings, args.work_dir, args.workers, needs_history=bool(args.question))
     results = results_json(jobs, args.arms, args.seeds)
     results["recommended"] = recommend(results)
     first = jobs[args.arms[0], args.seeds[0]]
@@ -602,6 +669,11 @@ def main(argv=None) -> int:
     for line in verdict_lines(results):
         console.print(line.replace("**", ""))
 
+    if args.question:
+        write_question(args.question, jobs, args.seeds, measured, args.out_dir)
+        if args.json:
+            save_json(results, args.json)
+        return 0
     scoreboard = args.out_dir / "scoreboard"
     scoreboard.mkdir(parents=True, exist_ok=True)
     save_json({**results, "measured": {key: value for key, value in measured.items() if key != "results"}},

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 import torch
 from rich.console import Console
 
@@ -25,7 +26,7 @@ from .augment import AUGMENTATIONS, CROP_SCALE, SMALL_IMAGES, check_augmentation
 from .bench import CLOCKS, RUNTIMES, cpu_instruction_sets, describe_cpu_flags, latency_table, measure_latency
 from .callbacks import TensorBoard
 from .charts import plot_generations
-from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
+from .config import FIT_BATCHNORM, RunConfig, TrainingConfig, processes
 from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
 from .finetune import FitFinetuning
@@ -33,7 +34,7 @@ from .errors import KecompressError
 from .evaluation import parameter_count
 from .export import DEFAULT_EXPORTER, EXPORTERS, LOWEST_OPSET, MAX_OPSET, MIN_OPSET, PAIR_FILES, export_pair, \
     export_table
-from .files import staged_directory
+from .files import atomic_path, staged_directory
 from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, settings_of
 from .info import info_view, split_info
 from .interrupt import RunInterrupted
@@ -41,6 +42,7 @@ from .models import output_features, resolve_model
 from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, calibration_subset, quantize_pair
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
+from .runfile import evolve_defaults, read_run_file, run_file_text
 from .slim import slice_fit
 from .split import METHODS, split as make_split
 from .weights import WeightsNote
@@ -115,7 +117,7 @@ def app():
               help=f"shrink-perturb: the factor of the trained parameters [default: {ShrinkPerturb.shrink}]")
 @click.option("--perturb", type=UNIT, default=None,
               help=f"shrink-perturb: the factor of the fresh draw [default: {ShrinkPerturb.perturb}]")
-@click.option("--distill-fit", is_flag=True,
+@click.option("--distill-fit/--no-distill-fit", default=False,
               help="in-place distillation: every step also trains the fit network on the dense network's predictions")
 @click.option("--distill-temperature", type=click.FloatRange(0, min_open=True), default=1.0,
               help="temperature of the fit's distillation")
@@ -130,7 +132,7 @@ def app():
 @click.option("--finetune-fit", type=click.IntRange(0), default=0, metavar="EPOCHS",
               help="after the last generation, fine-tune the fit network alone for EPOCHS epochs with knowledge "
                    "distillation from the dense network (KELS); fit.pt is then the fine-tuned network")
-@click.option("--fit-only", is_flag=True,
+@click.option("--fit-only/--no-fit-only", default=False,
               help="no KE: train a network of the KELS fit's shape at --rate, freshly initialised, from scratch "
                    "(the recipe docs/results.md measured best for a slim network on small data; use "
                    "--generations 1 and all the epochs in --epochs)")
@@ -147,12 +149,19 @@ def app():
               help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
                    "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+              callback=lambda ctx, _, path: _read_run_file(ctx, path), metavar="FILE",
+              help="take the run's settings from a TOML or JSON file (a run directory's config.json, or what "
+                   "--print-config wrote); options given on the command line override it")
+@click.option("--print-config", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="write the run's settings to FILE (TOML if named .toml, JSON otherwise) or, without FILE, as "
+                   "TOML to stdout, and stop without running; --config FILE repeats the run")
 def evolve(model, split_method, rate, align, generations, epochs, data, num_classes, image_size, val_fraction, augment,
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
            distill_label_weight, distill_start, distill_ramp, finetune_fit, fit_only, device, precision, channels_last,
-           compile_model, tensorboard, weights, trust_model_file):
+           compile_model, tensorboard, weights, trust_model_file, print_config):
     """Train MODEL for several generations of Knowledge Evolution.
 
     MODEL is a torchvision architecture name (resnet18), a timm model as timm:NAME (timm:resnet18d;
@@ -168,7 +177,12 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
     with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
     trains on its part of the data, rank 0 writes the run directory and prints.
+
+    A run is repeated with --config RUN_DIR/config.json --out NEW_DIR.
     """
+    forget_from, shrink, perturb = _forgetting_options_of(click.get_current_context(), forget_from, shrink, perturb)
+    if _from_file_beside(click.get_current_context(), "num_classes", "data"):  # the classes of the file's data
+        num_classes = None
     distributed.setup(device)  # first: errors found on one rank below are then shared with all
     if not distributed.is_main():  # rank 0 shows each warning once; errors still show
         warnings.simplefilter("ignore")
@@ -195,6 +209,10 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
                        trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None,
                        fit_only=fit_only)
+    if print_config:
+        _print_run_file(replace(config, world_size=distributed.world_size()), print_config)
+        return
+    _note_other_world_size(click.get_current_context())
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", WeightsNote)
@@ -239,6 +257,59 @@ def describe_split(the_split) -> str:
     paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
     return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
             f"of {the_split.total_count():,} split parameters{paper}")
+
+
+def _read_run_file(ctx: click.Context, path: Path | None) -> None:
+    """``--config``: the file's settings become the defaults of evolve's options (checked as the
+    options are, the file named), which the command line overrides."""
+    if path is None:
+        return
+    values = read_run_file(path)
+    defaults = evolve_defaults(values, path)
+    options = {param.name: param for param in ctx.command.params}
+    for name, value in defaults.items():
+        try:
+            options[name].type_cast_value(ctx, value)
+        except click.BadParameter as error:
+            option = options[name].opts[0] if isinstance(options[name], click.Option) else name.upper()
+            raise KecompressError(f"{path}: the value of {option}, {value!r}: {error.message}") from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["kecompress.run_file"] = (path, values.get("world_size"))
+
+
+def _forgetting_options_of(ctx: click.Context, forget_from, shrink, perturb):
+    """A --forget given on the command line drops the settings that --config gave another strategy."""
+    return tuple(None if _from_file_beside(ctx, name, "forget") else value
+                 for name, value in (("forget_from", forget_from), ("shrink", shrink), ("perturb", perturb)))
+
+
+def _from_file_beside(ctx: click.Context, name: str, given: str) -> bool:
+    """Whether option ``name`` came from --config while option ``given``, which it depends on, came
+    from the command line: the file's value belonged to the file's ``given``."""
+    return (ctx.get_parameter_source(name) is ParameterSource.DEFAULT_MAP
+            and ctx.get_parameter_source(given) is ParameterSource.COMMANDLINE)
+
+
+def _print_run_file(config: RunConfig, where: str) -> None:
+    """``--print-config``: the settings to stdout (``-``) or to a new file."""
+    if not distributed.is_main():
+        return
+    if where == "-":
+        click.echo(run_file_text(config), nl=False)
+        return
+    path = Path(where)
+    if path.exists():
+        raise KecompressError(f"--print-config {path} exists: choose another file name, or remove it first")
+    with atomic_path(path) as target:
+        Path(target).write_text(run_file_text(config, as_toml=path.suffix.lower() == ".toml"))
+    click.echo(f"settings written to {path}: run them with kecompress evolve --config {shlex.quote(str(path))}")
+
+
+def _note_other_world_size(ctx: click.Context) -> None:
+    path, world_size = ctx.meta.get("kecompress.run_file", (None, None))
+    if world_size and world_size != distributed.world_size():
+        _print_on_main(f"note: {path} was trained by {processes(world_size)} and this run has "
+                       f"{processes(distributed.world_size())}: a step's images differ, so will the results")
 
 
 def _forgetting(name: str, forget_from: str | None, shrink: float | None, perturb: float | None) -> dict:

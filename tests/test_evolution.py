@@ -264,7 +264,7 @@ def test_resume_refuses_a_checkpoint_of_another_split(tmp_path):
 
 
 def test_the_first_generation_is_plain_training():
-    # benchmarks/ke_accuracy.py reports KE's generation 1 as N1, one generation of plain training.
+    # benchmarks/questions.py reports KE's generation 1 as N1, one generation of plain training.
     def first_generation(generations):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
