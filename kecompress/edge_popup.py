@@ -512,6 +512,23 @@ def _unmasked(model: nn.Module, plain: nn.Module) -> nn.Module:
     return plain
 
 
+def found_network(model: nn.Module, rate: float, example_inputs=None) -> nn.Module:
+    r"""The network an edge-popup model has found, as a network of its own: the masked weights
+    (weight level, a sparse network of the model's shapes), or the KELS fit its channel scores
+    choose cut out as a slim network (kernel level). ``model`` is left as it is.
+
+    Example:
+        >>> net = apply_edge_popup(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "edge-popup-kels", 0.5)
+        >>> found_network(net, 0.5)[0].out_features
+        4
+    """
+    from .slim import slice_fit  # slim measures runs through this module
+
+    the_split = learned_split(model, rate)
+    plain = plain_network(model)
+    return slice_fit(plain, the_split, example_inputs) if the_split.method == "kels" else plain
+
+
 def fit_parameter_count(model: nn.Module) -> int:
     r"""Parameter entries of the network an edge-popup model has found: its plain parameters less
     the masked-out entries (the scores and the masks do not count).
