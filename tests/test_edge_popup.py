@@ -1,5 +1,8 @@
 """Edge-popup: learned scores over frozen random weights, weight level and kernel level."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,10 +10,13 @@ import torchvision
 from torch.nn.utils import prune
 
 import kecompress
-from kecompress import EdgePopup, KecompressError
+from kecompress import EdgePopup, KecompressError, Split, experiment
+from kecompress.cli import main
+from kecompress.config import RunConfig, TrainingConfig
 from kecompress.edge_popup import apply_edge_popup, edge_popup, edge_popup_channels, kept_count, learned_split, \
     plain_network
 from kecompress.export import export_pair
+from kecompress.interrupt import RunInterrupted
 
 from conftest import build
 
@@ -134,3 +140,71 @@ def test_plain_network_has_the_architectures_names_and_the_masked_weights():
     assert split.method == "wels" and torch.equal(plain.conv1.weight != 0, split.masks["conv1.weight"])
     random_weights = plain_network(model, keep_masked=False)
     assert torch.equal(random_weights.conv1.weight, model.conv1.weight_orig)
+
+
+def test_kernel_level_scores_get_gradients_and_the_weights_stay_frozen():
+    model = edge_popup_channels(build("resnet18"), 0.5, torch.randn(1, 3, SIZE, SIZE)).train()
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, SIZE, SIZE)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    scores = {name for name, _ in model.named_parameters() if name.endswith("channel_scores")}
+    assert changed == scores and len(scores) > 5
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def cli_config(split: str) -> RunConfig:
+    return RunConfig(model="resnet18", split=split, image_size=12, batch_size=256, seed=3,
+                     training=TrainingConfig(generations=1, epochs=2, weight_decay=0.0, seed=3))
+
+
+def cli_args(split: str) -> list[str]:
+    return ["evolve", "resnet18", "--split", split, "--image-size", "12", "--batch-size", "256", "--seed", "3",
+            "--generations", "1", "--epochs", "2"]
+
+
+def run_files(run_dir: Path) -> tuple:
+    metrics = [{**record, "seconds": 0} for record in json.loads((run_dir / "metrics.json").read_text())["generations"]]
+    dense = torch.load(run_dir / "dense.pt", weights_only=True)
+    split = Split.load(run_dir / "split.pt")
+    return metrics, dense, split
+
+
+@pytest.mark.parametrize("split", ["edge-popup", "edge-popup-kels"])
+def test_an_interrupted_run_resumes_from_the_command_line_bit_for_bit(split, tmp_path, capsys, terminal_sigint):
+    assert main([*cli_args(split), "--out", str(tmp_path / "whole")]) == 0
+
+    class StopAt(kecompress.Callback):
+        steps = 0
+
+        def on_step_end(self, loop, loss, samples):
+            self.steps += 1
+            if self.steps == 3:
+                loop.request_stop()
+
+    with pytest.raises(RunInterrupted):
+        experiment.build(cli_config(split), run_dir=tmp_path / "stopped", callbacks=[StopAt()]).run()
+    assert main([*cli_args(split), "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    (metrics, dense, learned), (again, dense_again, learned_again) = run_files(tmp_path / "whole"), \
+        run_files(tmp_path / "stopped")
+    assert metrics == again and dense.keys() == dense_again.keys()
+    assert all(torch.equal(dense[key], dense_again[key]) for key in dense)
+    assert learned.masks.keys() == learned_again.masks.keys()
+    assert all(torch.equal(learned.masks[key], learned_again.masks[key]) for key in learned.masks)
+    assert learned.method == ("kels" if split == "edge-popup-kels" else "wels")
+    assert main(["export", str(tmp_path / "whole"), "--onnx", "--exporter", "torchscript"]) == 0
+    assert (tmp_path / "whole" / "onnx" / "fit.onnx").is_file()
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--generations", "2"], "--generations 1"), (["--forget", "none"], "--forget"), (["--forget", "ke"], "--forget"),
+    (["--distill-fit"], "--distill-fit"), (["--rate", "1"], "(0, 1)"), (["--fit-only"], "--fit-only"),
+    (["--weight-decay", "0.001"], "--weight-decay 0")])
+def test_what_edge_popup_cannot_do_is_refused_in_one_line(extra, named, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main([*cli_args("edge-popup"), *extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
