@@ -255,10 +255,14 @@ class ChannelEdgePopup(prune.BasePruningMethod):
         return default_mask * self._mask(default_mask.shape).detach()
 
     def _mask(self, shape) -> torch.Tensor:
-        mask = torch.ones(())
-        for root, keep, blocks, where in self.gates:
+        mask = None
+        for index, (root, keep, blocks, where) in enumerate(self.gates):
             gate = top_scores(root.channel_scores, keep, blocks)
-            mask = mask * torch.cat([gate, gate.new_ones(1)])[where]
+            if where.device != gate.device:  # the model moved (model.to(device)): move the index once
+                where = where.to(gate.device)
+                self.gates[index] = (root, keep, blocks, where)
+            factor = torch.cat([gate, gate.new_ones(1)])[where]
+            mask = factor if mask is None else mask * factor
         return mask.expand(shape)
 
     def apply_mask(self, module):
