@@ -28,7 +28,7 @@ from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
 from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
-from .edge_popup import EDGE_POPUP_METHODS
+from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup, learned_split, plain_network
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evaluation import parameter_count
@@ -503,6 +503,8 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
         size = image_size or config.image_size
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error at a size the model does not take
+        if the_split.method in EDGE_POPUP_METHODS:  # unfinished: the split its scores choose at the last checkpoint
+            dense, the_split = _edge_popup_checkpoint(run_dir, config, dense, torch.zeros(1, 3, size, size))
         records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
         run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
         if records:
@@ -519,6 +521,20 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         click.echo(json.dumps(described.to_json(), indent=2))
     else:
         console.print(info_view(described, f"{source}: the split"))
+
+
+def _edge_popup_checkpoint(run_dir: RunDirectory, config, dense, example):
+    """The random network and the split its scores choose, as the last checkpoint of an unfinished
+    edge-popup run holds them (before the first checkpoint: its starting scores)."""
+    torch.manual_seed(config.seed)  # the run's starting scores, when no checkpoint holds any yet
+    apply_edge_popup(dense, config.split, config.rate, example, config.align)
+    state = run_dir.read_checkpoint()
+    if state is not None:
+        try:
+            dense.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as error:
+            raise run_dir.unusable_checkpoint(error) from None
+    return plain_network(dense, keep_masked=False).eval(), learned_split(dense, config.rate, config.seed)
 
 
 def _refuse_torchrun(command: str) -> None:

@@ -186,6 +186,9 @@ def test_an_interrupted_run_resumes_from_the_command_line_bit_for_bit(split, tmp
 
     with pytest.raises(RunInterrupted):
         experiment.build(cli_config(split), run_dir=tmp_path / "stopped", callbacks=[StopAt()]).run()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "stopped")]) == 0  # unfinished: the split of the checkpoint's scores
+    assert "fit 50.0% of the split's parameters" in " ".join(capsys.readouterr().out.split()) or split != "edge-popup"
     assert main([*cli_args(split), "--out", str(tmp_path / "stopped"), "--resume"]) == 0
     (metrics, dense, learned), (again, dense_again, learned_again) = run_files(tmp_path / "whole"), \
         run_files(tmp_path / "stopped")
