@@ -224,10 +224,11 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     with progress or nullcontext():
         history = loop.run()
     last, files, finetune = history[-1], loop.run_dir, loop.progress.finetune
+    slim = the_split.method in ("kels", "edge-popup-kels")  # a fit.pt was written
     _print_on_main(f"done: generation {last.generation}, dense accuracy {last.dense:.2%}, "
                    f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
                    + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
-                   f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method in ("kels", "edge-popup-kels") else ""))
+                   f"final models in {files.dense_file}" + (f" and {files.fit_file}" if slim else ""))
 
 
 def describe_split(the_split) -> str:

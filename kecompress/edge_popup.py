@@ -175,8 +175,9 @@ class EdgePopup(prune.BasePruningMethod):
         """
         rate = _check_open_rate(kept_fraction(rate, amount))
         if _pruning_hook(module, name) is not None:
-            raise KecompressError(f"'{name}' is already pruned: edge-popup learns a score for every entry of a whole "
-                                  f"tensor; make the earlier pruning permanent with prune.remove(module, '{name}') first")
+            raise KecompressError(f"'{name}' is already pruned: edge-popup learns a score for every entry of a "
+                                  f"whole tensor; make the earlier pruning permanent with prune.remove(module, "
+                                  f"'{name}') first")
         weight = getattr(module, name)
         if signed_constant:
             signed_kaiming_constant_(weight, rate)

@@ -171,10 +171,10 @@ def check_edge_popup(config: RunConfig) -> None:
     Example:
         >>> from kecompress.config import TrainingConfig
         >>> check_edge_popup(RunConfig(split="edge-popup", training=TrainingConfig(generations=1, weight_decay=0)))
-        >>> check_edge_popup(RunConfig(split="edge-popup", training=TrainingConfig(generations=3, weight_decay=0)))
+        >>> check_edge_popup(RunConfig(split="edge-popup", rate=1.0))
         Traceback (most recent call last):
         ...
-        kecompress.errors.KecompressError: edge-popup trains its scores once: pass --generations 1 (all the epochs in --epochs)
+        kecompress.errors.KecompressError: edge-popup keeps a fraction in (0, 1) of the weights, got --rate 1.0: e.g. --rate 0.5
     """
     if config.split not in EDGE_POPUP_METHODS:
         return
