@@ -19,6 +19,14 @@ same training images, with the same loss, optimizer and schedule shape, seed by 
                     each a fresh network taught by the labels and the previous generation (T=1, weight 0.5)
     lottery         for --split wels: iterative magnitude pruning with rewinding to the end of the first
                     epoch (Frankle et al., ICLR 2019 and ICML 2020), G rounds of E epochs, to the WELS fit's sparsity
+    magnitude       for --split wels: the dense network trained for (G-1)*E epochs, pruned once by global weight
+                    magnitude to the WELS fit's sparsity, then fine-tuned for E epochs with the pruned weights kept
+                    at zero (a new optimizer and schedule)
+    edge-popup      for --split wels: edge-popup (Ramanujan et al., CVPR 2020): frozen signed-constant random
+                    weights, learned scores keep --rate of every conv and linear layer (the WELS fit's sparsity),
+                    G*E epochs, no weight decay
+    edge-popup-kels for --split kels: edge-popup over the channels of KELS's coupled groups, as many kept as the
+                    KELS fit keeps (its shapes and MACs), cut out as a slim network; G*E epochs, no weight decay
 
 and, chosen with --arms (the distillation and augmentation questions'):
 
@@ -65,6 +73,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -83,6 +92,7 @@ from kecompress.bench import count_macs_params
 from kecompress.callbacks import Callback
 from kecompress.config import RunConfig, TrainingConfig
 from kecompress.distillation import FitDistillation
+from kecompress.edge_popup import found_network
 from kecompress.files import atomic_path, save_json
 from kecompress.finetune import FinetuneStep, FitFinetuning
 from kecompress.forgetting import from_settings, settings_of
@@ -91,8 +101,9 @@ from kecompress.training import EpochLoop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-restart", "long", "long-distill",
-             "small-scratch", "small-kd", "small-ban")
-WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery")
+             "small-scratch", "small-kd", "small-ban", "edge-popup-kels")
+WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery",
+             "magnitude", "edge-popup")
 DISTILLATION_ARMS = ("distill-from-1", "distill-ramp", "distill-t4-labels")  # only when --arms names them
 AUGMENT_ARMS = tuple(f"augment-{name}" for name in AUGMENTATIONS)  # likewise
 FORGETTING = {"ke": "ke", "llf": "llf", "shrink-perturb": "shrink-perturb", "warm-restart": "none"}
@@ -337,6 +348,31 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         dense, fit = None, history[-1].dense  # the last round's network is the pruned ticket
         macs = 3 * dense_macs * images * total
         extra["ticket_fraction"] = sum(int(mask.sum()) for mask in strategy.masks.values()) / loop.split.total_count()
+    elif arm == "magnitude":
+        dense_loop = build(1, (g - 1) * e)
+        dense_loop.run()
+        loop = build(1, e)
+        loop.model.load_state_dict(dense_loop.model.state_dict())
+        strategy = MagnitudeRewind(loop.split.fit_fraction(), generations=2)  # one pruning round, to the final fraction
+        strategy.rewind = copy.deepcopy(loop.model.state_dict())  # "rewinding" to the trained weights: none
+        strategy.forget_(loop.model, loop.split)
+        loop.callbacks.append(KeepPruned(strategy))
+        dense_macs, fit_macs = forward_macs(loop)
+        [record] = loop.run()
+        dense, fit = None, record.dense  # the pruned, fine-tuned network
+        macs = 3 * dense_macs * images * total
+        extra["kept_fraction"] = sum(int(mask.sum()) for mask in strategy.masks.values()) / loop.split.total_count()
+    elif arm in ("edge-popup", "edge-popup-kels"):
+        config = run_config(settings, seed, 1, total)
+        config = replace(config, split=arm, training=replace(config.training, weight_decay=0.0))
+        loop = experiment.build(config, data, device=device)
+        dense_macs, _ = count_macs_params(loop.model, loop.input_shape)
+        fit_macs = count_macs_params(found_network(loop.model, settings["rate"], loop.example_input()),
+                                     loop.input_shape)[0] if arm == "edge-popup-kels" else dense_macs
+        [record] = loop.run()
+        dense, fit = None, record.fit  # the found network (record.dense is the random one it was found in)
+        macs = 3 * dense_macs * images * total + fit_macs * images  # the masked network trained; a re-estimation
+        extra["random_network_accuracy"] = record.dense
     else:
         raise ValueError(f"unknown arm {arm}")
     if probe:

@@ -12,7 +12,11 @@ schedule (``kecompress.experiment.build`` of ``kecompress evolve MODEL`` on the 
    same work (target <= 1.10x);
 4. an epoch with in-place distillation of the fit network (``--distill-fit``: the fit's slim
    forward and backward in every step) over an evolve epoch without, interleaved in the same
-   rounds (target <= 1.40).
+   rounds (target <= 1.40);
+5. an epoch of edge-popup (``--split edge-popup``: frozen random weights, a learned score for every
+   conv and linear weight, the top-k mask recomputed in every step) over an evolve epoch, both
+   through the same loop and interleaved in the same rounds (target <= 1.30: the score step
+   touches twice the parameters).
 
 Nothing printed is hard-coded: every figure is measured in this run. Both loops take turns to
 train one model with one optimizer, so that the loop code is the only difference. Other
@@ -51,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from common import (Rounds, at_least, digits_run, machine, machine_line, parse_rounds, rich_table,  # noqa: E402
                     rounds_parser, run_script, timed, watch)
 
-TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10, "distill_ratio": 1.40}
+TARGETS = {"epoch_ratio": 1.03, "reset_fraction": 0.01, "memory_ratio": 1.10, "distill_ratio": 1.40,
+           "edge_popup_ratio": 1.30}
 
 
 def digits(options: dict):
@@ -67,6 +72,20 @@ def evolve_loop(options: dict, display):
     loop = experiment.build(*digits(options), callbacks=[display])
     loop.start_optimizer()
     loop.call("on_generation_start", 1)  # as the loop does when a generation starts
+    return loop
+
+
+def edge_popup_loop(options: dict, display):
+    """The loop of ``kecompress evolve MODEL --split edge-popup`` on the same data, with its first optimizer."""
+    from dataclasses import replace
+
+    from kecompress import experiment
+
+    config, data = digits(options)
+    config = replace(config, split="edge-popup", training=replace(config.training, weight_decay=0.0))
+    loop = experiment.build(config, data, callbacks=[display])
+    loop.start_optimizer()
+    loop.call("on_generation_start", 1)
     return loop
 
 
@@ -136,6 +155,8 @@ def measure_times(options: dict) -> dict:
              "evolve": lambda epoch: evolve_epoch(loop, display, epoch)}
     fit_pass = FitPass(model, loop.split, loop.example_input())
     sides["distill"] = lambda epoch: distilled_epoch(loop, display, fit_pass, epoch)
+    popup = edge_popup_loop(options, display)
+    sides["edge_popup"] = lambda epoch: evolve_epoch(popup, display, epoch)
     if options["breakdown"]:
         sides["bare"] = lambda epoch: evolve_epoch(loop, None, epoch)
     for side in sides.values():
@@ -241,13 +262,15 @@ def measure_memory(options: dict) -> dict:
 def summarise(options: dict, times: dict, memory: dict) -> dict:
     rounds, resets = times["rounds"], times["resets"]
     plain_s, evolve_s, distill_s = rounds.results("plain"), rounds.results("evolve"), rounds.results("distill")
+    edge_popup_s = rounds.results("edge_popup")
     bare_s = rounds.results("bare") if options["breakdown"] else []
     reset_s = [seconds for batch in resets.results("reset") for seconds in batch]
     plain, evolve, reset = statistics.median(plain_s), statistics.median(evolve_s), statistics.median(reset_s)
     paired = [e / p for p, e in zip(plain_s, evolve_s)]
     rss = {side: memory[side]["peak_rss_kib"] for side in memory}
     measured = {"epoch_ratio": evolve / plain, "reset_fraction": reset / evolve,
-                "memory_ratio": rss["evolve"] / rss["plain"], "distill_ratio": statistics.median(distill_s) / evolve}
+                "memory_ratio": rss["evolve"] / rss["plain"], "distill_ratio": statistics.median(distill_s) / evolve,
+                "edge_popup_ratio": statistics.median(edge_popup_s) / evolve}
     return {
         "machine": {**machine(options["threads"]), "other_processes_cpus_during_rounds": rounds.other_cpus()},
         "settings": {key: options[key] for key in ("model", "batch_size", "samples", "rate", "rounds", "resets",
@@ -277,8 +300,9 @@ def summarise(options: dict, times: dict, memory: dict) -> dict:
         "rss_growth_after_imports_kib": {side: rss[side] - memory[side]["after_imports_kib"] for side in memory},
         "memory_children": memory,
         "distill_epoch_median_s": statistics.median(distill_s),
+        "edge_popup_epoch_median_s": statistics.median(edge_popup_s),
         "raw": {"plain_epoch_s": plain_s, "evolve_epoch_s": evolve_s, "bare_epoch_s": bare_s, "reset_s": reset_s,
-                "distill_epoch_s": distill_s,
+                "distill_epoch_s": distill_s, "edge_popup_epoch_s": edge_popup_s,
                 "display_per_epoch_s": times["display_per_epoch_s"], "render_s": times["render_s"],
                 "checkpoint_s": times["checkpoint_s"],
                 "all_rounds": [{side: [watched.result, watched.other_cpus] for side, watched in round_.items()}
@@ -310,7 +334,7 @@ def print_table(summary: dict) -> None:
     console.print(f"[bold]work[/]: {settings['model']} on the {settings['data']} ({settings['image_size']}px), "
                   f"{settings['train_samples']} training images, batch {settings['batch_size']} "
                   f"({settings['steps_per_epoch']} steps an epoch), {settings['split'].upper()} rate "
-                  f"{settings['rate']}; interleaved rounds (plain, evolve, evolve distilling the fit) after a "
+                  f"{settings['rate']}; interleaved rounds (plain, evolve, evolve distilling the fit, edge-popup) after a "
                   "warm-up epoch of each")
 
     def target(name: str) -> list[str]:
@@ -351,6 +375,9 @@ def print_table(summary: dict) -> None:
         ["peak RSS, evolve / plain", *target("memory_ratio")],
         ["evolve loop epoch with in-place distillation (median)", f"{summary['distill_epoch_median_s']:.3f} s", "", ""],
         ["epoch time, distilling the fit / evolve", *target("distill_ratio")],
+        ["edge-popup epoch (median; scores over frozen weights)", f"{summary['edge_popup_epoch_median_s']:.3f} s",
+         "", ""],
+        ["epoch time, edge-popup / evolve", *target("edge_popup_ratio")],
         ["  growth above post-import RSS, evolve / plain", f"{growth['evolve'] / 1024:,.0f} / "
          f"{growth['plain'] / 1024:,.0f} MiB = {growth['evolve'] / max(growth['plain'], 1):.3f}", "info", ""],
     ]
@@ -360,7 +387,8 @@ def print_table(summary: dict) -> None:
     for name, key in (("epochs (s) of the rounds used, plain", "plain_epoch_s"),
                       ("epochs (s), evolve", "evolve_epoch_s"),
                       ("epochs (s), evolve without callbacks", "bare_epoch_s"),
-                      ("epochs (s), evolve distilling the fit", "distill_epoch_s")):
+                      ("epochs (s), evolve distilling the fit", "distill_epoch_s"),
+                      ("epochs (s), edge-popup", "edge_popup_epoch_s")):
         if raw[key]:
             console.print(f"{name}: " + " ".join(f"{seconds:.2f}" for seconds in raw[key]))
 

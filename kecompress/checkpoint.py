@@ -123,7 +123,7 @@ class Checkpointing(Callback):
             return
         from .charts import plot_generations  # matplotlib is slow to import: only when drawing
 
-        fit = loop.fit if loop.split.method == "kels" else None
+        fit = loop.fit if loop.split.method in ("kels", "edge-popup-kels") else None
         self.run_dir.save_final(loop.model, fit, loop.split, loop.run_config, loop.input_shape)
         plot_generations({self.run_dir.path.name: loop.progress.history}, self.run_dir.chart_file,
                          title=self.run_dir.title())

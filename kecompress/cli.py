@@ -29,6 +29,7 @@ from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig, processes
 from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
+from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup, learned_split, plain_network
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evaluation import parameter_count
@@ -43,7 +44,7 @@ from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, ca
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .runfile import evolve_defaults, read_run_file, run_file_text
-from .slim import slice_fit
+from .slim import fit_network, slice_fit
 from .split import METHODS, split as make_split
 from .weights import WeightsNote
 
@@ -70,8 +71,9 @@ def app():
 
 @app.command()
 @click.argument("model")
-@click.option("--split", "split_method", type=click.Choice(METHODS), default="kels",
-              help="kels (slim fit) or wels (sparse fit)")
+@click.option("--split", "split_method", type=click.Choice(METHODS + EDGE_POPUP_METHODS), default="kels",
+              help="kels (slim fit) or wels (sparse fit); edge-popup (a sparse sub-network of frozen random weights, "
+                   "found by learned scores, one generation) or edge-popup-kels (its channels, a slim network)")
 @click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1]")
 @click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP)
 @click.option("--generations", type=POSITIVE, default=5, help="number of generations")
@@ -188,6 +190,8 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
     with distributed.fail_together(KecompressError, OSError):
+        if split_method in EDGE_POPUP_METHODS:
+            weight_decay = _edge_popup_options(weight_decay)
         check_augmentation(augment or "none", crop_scale)
         training = TrainingConfig(generations=generations, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                   warmup_epochs=warmup_epochs, seed=seed, target=target_accuracy)
@@ -238,10 +242,11 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     with progress or nullcontext():
         history = loop.run()
     last, files, finetune = history[-1], loop.run_dir, loop.progress.finetune
+    slim = the_split.method in ("kels", "edge-popup-kels")  # a fit.pt was written
     _print_on_main(f"done: generation {last.generation}, dense accuracy {last.dense:.2%}, "
                    f"fit accuracy {last.fit:.2%}" + (f", {finetune.fit:.2%} fine-tuned" if finetune else "")
                    + f"; metrics in {files.metrics_file} (chart: {files.chart_file}), "
-                   f"final models in {files.dense_file}" + (f" and {files.fit_file}" if the_split.method == "kels" else ""))
+                   f"final models in {files.dense_file}" + (f" and {files.fit_file}" if slim else ""))
 
 
 def describe_split(the_split) -> str:
@@ -253,6 +258,10 @@ def describe_split(the_split) -> str:
         >>> describe_split(kecompress.split(model, "kels", 0.25, align=8))  # 8 of 16 hidden channels, not 4
         'KELS split at rate 0.25 aligned to 8 channels, fit 50.6% of 178 split parameters (rate² 6.2%)'
     """
+    if the_split.method in EDGE_POPUP_METHODS:
+        what = "channels of every coupled group" if the_split.method == "edge-popup-kels" else "weights of every layer"
+        return (f"{the_split.method} at rate {the_split.rate}: learned scores keep {the_split.rate:.0%} of the {what} "
+                "of frozen random weights")
     aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
     paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
     return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
@@ -324,6 +333,16 @@ def _forgetting(name: str, forget_from: str | None, shrink: float | None, pertur
     return settings_of(from_settings({"name": name, **options}))
 
 
+def _edge_popup_options(weight_decay: float) -> float:
+    """Edge-popup's weight decay (none unless asked); --forget, which acts between generations, refused."""
+    context = click.get_current_context()
+    if context.get_parameter_source("forget") != click.core.ParameterSource.DEFAULT:
+        raise KecompressError("--forget acts between generations, and edge-popup trains one: drop --forget")
+    if context.get_parameter_source("weight_decay") == click.core.ParameterSource.DEFAULT:
+        return 0.0  # the paper's: no weight decay on the scores, the only parameters that train
+    return weight_decay
+
+
 def _print_on_main(message: str) -> None:
     if distributed.is_main():
         console.print(message)
@@ -379,6 +398,8 @@ def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_
         dense, the_split, config = run_dir.load(trust_file=trust_model_file)
         input_shape = (3, image_size or config.image_size, image_size or config.image_size)
         output_features(dense, torch.zeros(1, *input_shape))  # a clear error at a size the model does not take
+        if config.split == "edge-popup":  # the sparse network edge-popup found: the dense one, masked
+            return dense, fit_network(dense, the_split, fit_batchnorm="inherited").eval(), input_shape, the_split
         if the_split.method != "kels":
             slice_fit(dense, the_split)  # raises the explanation: a WELS fit is sparse, not slim
         dense_for_fit = None if config.arch else run_dir.build_source(config, trust_model_file)
@@ -554,6 +575,8 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         dense, the_split = run_dir.build_dense(config, trust_model_file), run_dir.read_split()
         size = image_size or config.image_size
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error at a size the model does not take
+        if the_split.method in EDGE_POPUP_METHODS:  # unfinished: the split its scores choose at the last checkpoint
+            dense, the_split = _edge_popup_checkpoint(run_dir, config, dense, torch.zeros(1, 3, size, size))
         records = run_dir.read_metrics() if run_dir.metrics_file.is_file() else []
         run = {"run": run_dir.title() or str(source), "generations": f"{len(records)} of {config.training.generations}"}
         if records:
@@ -570,6 +593,20 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         click.echo(json.dumps(described.to_json(), indent=2))
     else:
         console.print(info_view(described, f"{source}: the split"))
+
+
+def _edge_popup_checkpoint(run_dir: RunDirectory, config, dense, example):
+    """The random network and the split its scores choose, as the last checkpoint of an unfinished
+    edge-popup run holds them (before the first checkpoint: its starting scores)."""
+    torch.manual_seed(config.seed)  # the run's starting scores, when no checkpoint holds any yet
+    apply_edge_popup(dense, config.split, config.rate, example, config.align)
+    state = run_dir.read_checkpoint()
+    if state is not None:
+        try:
+            dense.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as error:
+            raise run_dir.unusable_checkpoint(error) from None
+    return plain_network(dense, keep_masked=False).eval(), learned_split(dense, config.rate, config.seed)
 
 
 def _refuse_torchrun(command: str) -> None:

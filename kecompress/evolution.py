@@ -37,6 +37,7 @@ from .checkpoint import Checkpointing, restore
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig
 from .distillation import FitDistillation, FitPass
 from .distributed import on_every_rank
+from .edge_popup import EDGE_POPUP_METHODS, fit_parameter_count, plain_network
 from .errors import KecompressError
 from .evaluation import accuracy, eval_mode, evaluate, parameter_count
 from .finetune import FinetuneStep, FitFinetuning
@@ -316,14 +317,20 @@ class Evolution:
         # BatchNorm statistics: DDP gives every rank rank 0's at each forward pass, after which
         # each rank updates its own; make them rank 0's everywhere before evaluating.
         distributed.broadcast_from_main(list(self.model.buffers()))
-        dense_loss, dense_metric = self._evaluate(self.model)
+        # Edge-popup: the dense network is the random one the scores search (what dense.pt holds).
+        edge_popup = self.split.method in EDGE_POPUP_METHODS
+        dense = plain_network(self.model, keep_masked=False) if edge_popup else self.model
+        dense_loss, dense_metric = self._evaluate(dense)
         self.fit = self.fit_network()
         fit_loss, fit_metric = self._evaluate(self.fit)
-        # A sparse (WELS) fit keeps the dense shapes: count its fit entries.
-        fit_parameters = parameter_count(self.fit) if self.split.method == "kels" else self.split.fit_parameters(self.model)
+        # A sparse (WELS, edge-popup) fit keeps the dense shapes: count its fit entries.
+        if self.split.method in ("kels", "edge-popup-kels"):
+            fit_parameters = parameter_count(self.fit)
+        else:
+            fit_parameters = fit_parameter_count(self.model) if edge_popup else self.split.fit_parameters(self.model)
         return GenerationRecord(generation, self.metric_name, dense=dense_metric, fit=fit_metric,
                                 dense_loss=dense_loss, fit_loss=fit_loss,
-                                dense_parameters=parameter_count(self.model), fit_parameters=fit_parameters,
+                                dense_parameters=parameter_count(dense), fit_parameters=fit_parameters,
                                 train_loss=train_loss, seconds=time.perf_counter() - started)
 
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:

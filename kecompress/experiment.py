@@ -29,6 +29,7 @@ from .augment import CROP_SCALE
 from .callbacks import Callback
 from .config import RunConfig
 from .distillation import FitDistillation
+from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evolution import Evolution
@@ -80,6 +81,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if run_dir is not None and distributed.is_main():  # first: before the data set is read
             check_run_dir(run_dir, resume)
         check_fit_only(config)
+        check_edge_popup(config)
         train_set, val_set, classes = data or load_data(config)
         example_inputs = torch.zeros(1, *datasets.input_shape(val_set))
         num_classes = config.num_classes or len(classes)  # a model for other classes is refused below
@@ -92,6 +94,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             load_weights(model, config.weights)
         if config.fit_only:  # the network of the fit's shape, freshly initialised, is the run's model
             model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed)
+        if config.split in EDGE_POPUP_METHODS:  # frozen random weights; only the scores train
+            apply_edge_popup(model, config.split, config.rate, example_inputs, config.align)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
@@ -103,13 +107,18 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if channels_last:
             check_channels_last(model)
 
+    # Edge-popup learns its split while training: the loop reads it from the scores, and the
+    # run directory receives the one they chose at the end.
+    learned = Split(config.split, config.rate, config.seed, align=config.align) \
+        if config.split in EDGE_POPUP_METHODS else None
+
     def split_on_main() -> Split:  # rank 0 owns the run directory; the other ranks get its split
         if resume:
             remove_stale_temporaries(run_dir.path)
-            return run_dir.read_split()
+            return learned or run_dir.read_split()
         rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
-        new_split = make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
-                               align=config.align)
+        new_split = learned or make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
+                                          align=config.align)
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:
@@ -153,6 +162,38 @@ def check_fit_only(config: RunConfig) -> None:
                                                  ("--finetune-fit", bool(config.finetune_fit))) if present]
     if conflicts:
         raise KecompressError(f"--fit-only trains the KELS fit's shape from scratch: drop {' and '.join(conflicts)}")
+
+
+def check_edge_popup(config: RunConfig) -> None:
+    """Refuse what an edge-popup run cannot have, in one line: it trains scores over frozen random
+    weights for one generation, without weight decay (Ramanujan et al.'s settings).
+
+    Example:
+        >>> from kecompress.config import TrainingConfig
+        >>> check_edge_popup(RunConfig(split="edge-popup", training=TrainingConfig(generations=1, weight_decay=0)))
+        >>> check_edge_popup(RunConfig(split="edge-popup", rate=1.0))
+        Traceback (most recent call last):
+        ...
+        kecompress.errors.KecompressError: edge-popup keeps a fraction in (0, 1) of the weights, got --rate 1.0: e.g. --rate 0.5
+    """
+    if config.split not in EDGE_POPUP_METHODS:
+        return
+    if not 0 < config.rate < 1:
+        raise KecompressError(f"edge-popup keeps a fraction in (0, 1) of the weights, got --rate {config.rate}: "
+                              "e.g. --rate 0.5")
+    if config.training.generations != 1:
+        raise KecompressError("edge-popup trains its scores once: pass --generations 1 (all the epochs in --epochs)")
+    conflicts = [option for option, present in (("--forget", config.forget != {"name": "ke"}),
+                                                 ("--distill-fit", bool(config.distill_fit)),
+                                                 ("--finetune-fit", bool(config.finetune_fit)),
+                                                 ("--fit-only", config.fit_only),
+                                                 ("--weights", bool(config.weights))) if present]
+    if conflicts:
+        raise KecompressError(f"edge-popup searches frozen random weights for one generation: drop "
+                              f"{' and '.join(conflicts)}")
+    if config.training.weight_decay != 0:
+        raise KecompressError(f"edge-popup trains its scores without weight decay (the paper's setting), got "
+                              f"{config.training.weight_decay}: pass --weight-decay 0")
 
 
 def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import RunConfig, TrainingConfig
+from .edge_popup import EDGE_POPUP_METHODS, learned_split, plain_network
 from .errors import KecompressError
 from .files import atomic_path, save_json, save_torch
 from .forgetting import describe
@@ -225,9 +226,17 @@ class RunDirectory:
         its BatchNorm statistics re-estimated or not); None for a WELS split, whose fit has no
         slim form.
 
+        An edge-popup run (``split.method`` ``"edge-popup"`` or ``"edge-popup-kels"``) writes the
+        random weights the scores searched as the dense network, and the split its scores chose
+        (WELS-style or KELS) as the run's split: the fit is the dense network masked (or cut) by it.
+
         Example:
             >>> # RunDirectory("runs/a").save_final(model, loop.fit, split, config, (3, 32, 32))
         """
+        if split.method in EDGE_POPUP_METHODS:
+            split = learned_split(model, split.rate, split.seed)
+            save_torch(split.to_dict(), self.split_file)
+            model = plain_network(model, keep_masked=False)
         save_torch(model.state_dict(), self.dense_file)
         if config.fit_only:  # the fit's channels as the source architecture numbers them, so load_fit rebuilds it
             split = make_split(self.build_source(config), "kels", config.rate,

@@ -13,6 +13,7 @@ from torch.optim.swa_utils import update_bn
 from . import distributed
 from .attention import resize_heads
 from .config import FIT_BATCHNORM
+from .edge_popup import EDGE_POPUP_METHODS, found_network
 from .errors import KecompressError
 from .evaluation import eval_mode
 from .seeds import batchnorm_seed, rank_seed, seed_loader
@@ -133,7 +134,10 @@ def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchn
     after every generation and saves at its end.
 
     KELS: the sliced slim network (:func:`slice_fit`). WELS: a copy of the dense network with the
-    reset weights zeroed (a sparse network has no slim form). With ``fit_batchnorm="re-estimated"``
+    reset weights zeroed (a sparse network has no slim form). Edge-popup (a split of method
+    ``"edge-popup"`` or ``"edge-popup-kels"`` of a model set up by
+    :func:`kecompress.edge_popup.apply_edge_popup`): the network its scores choose now
+    (:func:`kecompress.edge_popup.found_network`). With ``fit_batchnorm="re-estimated"``
     its BatchNorm statistics are then recomputed on ``train_loader`` for the fit network alone
     (the dense network gathered them with the reset channels feeding into the fit ones), from a
     seed of the run's own, so the same weights always give the same network; the random state
@@ -152,6 +156,8 @@ def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchn
     device = torch.device(device)
     if split.method == "kels":
         fit = slice_fit(model, split, example_inputs=None if example_inputs is None else example_inputs.to(device))
+    elif split.method in EDGE_POPUP_METHODS:
+        fit = found_network(model, split.rate, None if example_inputs is None else example_inputs.to(device))
     else:
         fit = copy.deepcopy(model)
         with torch.no_grad():

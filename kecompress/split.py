@@ -267,6 +267,8 @@ def _covered_parameters(model: nn.Module, method: str) -> list[str]:
     if method == "wels":
         return [f"{name}.weight" if name else "weight" for name, module in model.named_modules()
                 if isinstance(module, (_CONV, nn.Linear))]
+    if method.startswith("edge-popup"):  # learned while training: the masks are read from the scores
+        return []
     return [name for name, _ in model.named_parameters()]
 
 
