@@ -269,7 +269,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
     """Train one arm for one seed; its test accuracies (fractions, None where the arm has no
     such network), training MACs and wall time."""
     torch.set_num_threads(settings["threads"])
-    started = time.perf_counter()
+    started = time.process_time()  # the job's CPU time: its figure does not grow with other processes' load
     if arm in AUGMENT_ARMS:  # the arm's augmentation of --data, not the settings'
         settings = {**settings, "augment": arm.removeprefix("augment-")}
     data = seed_data(settings, seed)
@@ -377,7 +377,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         raise ValueError(f"unknown arm {arm}")
     if probe:
         extra["history"] = probe.history
-    seconds = time.perf_counter() - started + extra.get("teacher_seconds", 0.0)
+    seconds = time.process_time() - started + extra.get("teacher_seconds", 0.0)
     return {"arm": arm, "seed": seed, "settings": settings, "dense_accuracy": dense, "fit_accuracy": fit,
             "train_macs": macs, "seconds": seconds, "training_images": images, "test_images": len(data[1]),
             "dense_macs": dense_macs, "fit_macs": fit_macs, **extra}
