@@ -20,8 +20,10 @@ resume follow its masks.
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -237,10 +239,10 @@ def _fill(groups: list[_Group], ranks: list[torch.Tensor], estimate: "_MacEstima
 
 def _global_ranks(groups: list[_Group]) -> list[torch.Tensor]:
     """Every channel's place in one ranking of all groups' channels by normalised importance;
-    ties (equal BatchNorm scales at initialisation, say) go to the earlier channel of its block,
-    the paper's order, so that a tie everywhere gives near-uniform widths."""
+    ties (equal BatchNorm scales at initialisation, say) go to the channel earlier in its block,
+    relative to the block's size (the paper's order), so that a tie everywhere gives near-uniform widths."""
     scores = torch.cat([group.scores for group in groups])
-    position = torch.cat([torch.arange(group.channels) % group.size for group in groups]).float()
+    position = torch.cat([(torch.arange(group.channels) % group.size).float() / group.size for group in groups])
     order = sorted(range(len(scores)), key=lambda index: (-float(scores[index]), float(position[index])))
     places = torch.empty(len(scores), dtype=torch.long)
     places[torch.tensor(order, dtype=torch.long)] = torch.arange(len(scores))
@@ -366,3 +368,99 @@ class _TaylorGradients:
     def __exit__(self, *_):
         for param, grad in zip(self.model.parameters(), self.saved):
             param.grad = grad
+
+
+@dataclass(frozen=True)
+class Selection:
+    """When and how a run chooses its fit by importance (``--select``, ``--widths``,
+    ``--fit-macs``, ``--select-after``, ``--sparsity``): after generation ``after`` of KE (0:
+    before the first, from pretrained weights) the split is made anew by :func:`learned_split`
+    on the dense network, then fixed; until then BatchNorm scales carry network slimming's L1
+    penalty of strength ``sparsity``.
+
+    Example:
+        >>> Selection("bn-scale", "global").learned
+        True
+    """
+
+    select: str = "first"
+    widths: str = "uniform"
+    fit_macs: float | None = None
+    after: int = 1
+    sparsity: float = 0.0
+
+    def __post_init__(self):
+        check_choice(self.select, self.widths)
+        if self.fit_macs is not None:
+            check_fit_macs(self.fit_macs)
+            if self.widths != "global":
+                raise KecompressError("--fit-macs sets the budget of --widths global; uniform widths follow --rate: "
+                                      "drop --fit-macs or pass --widths global")
+        if self.after < 0:
+            raise KecompressError(f"--select-after must be a generation, 1 or more, got {self.after}")
+        if not self.sparsity >= 0:
+            raise KecompressError(f"--sparsity must be 0 or more, got {self.sparsity}: e.g. 1e-4")
+
+    @property
+    def learned(self) -> bool:
+        """Whether the fit is anything but the paper's first channels at uniform widths."""
+        return (self.select, self.widths) != ("first", "uniform")
+
+    def made(self, split: Split) -> bool:
+        """Whether ``split`` is already the one this selection chooses.
+
+        Example:
+            >>> Selection("magnitude").made(Split("kels", 0.5))
+            False
+        """
+        return (split.select, split.widths) == (self.select, self.widths)
+
+    def choose(self, model: nn.Module, split: Split, example_inputs, train_data=None, loss_fn=None) -> Split:
+        """The split chosen on ``model`` as it is now, at ``split``'s rate and align. ``"taylor"``
+        takes its gradients from the first ``TAYLOR_BATCHES`` batches of ``train_data`` (a data
+        loader, read in order, unshuffled; or any iterable of batches), the random state left as it was.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            >>> Selection("magnitude").choose(model, Split("kels", 0.5, seed=3), torch.zeros(1, 4)).seed
+            3
+        """
+        batches = None
+        if self.select == "taylor":
+            if train_data is None:
+                raise KecompressError("the taylor selection needs training data for its gradients")
+            device = example_inputs.device
+            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                if isinstance(train_data, torch.utils.data.DataLoader):
+                    train_data = torch.utils.data.DataLoader(train_data.dataset, batch_size=train_data.batch_size)
+                batches = [(inputs.to(device), targets.to(device))
+                           for inputs, targets in itertools.islice(train_data, TAYLOR_BATCHES)]
+        chosen = learned_split(model, split.rate, select=self.select, widths=self.widths, fit_macs=self.fit_macs,
+                               align=split.align, example_inputs=example_inputs, batches=batches, loss_fn=loss_fn)
+        chosen.seed = split.seed
+        return chosen
+
+
+TAYLOR_BATCHES = 4  # of the training data, in order: the taylor selection's gradients
+
+
+class SlimmingLoss:
+    """``loss_fn`` plus network slimming's penalty: ``strength`` times the sum of the absolute
+    BatchNorm scales of ``model`` (Liu et al., ICCV 2017), which drives the scales of unneeded
+    channels towards zero so that ``bn-scale`` ranks them last.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+        >>> loss = SlimmingLoss(lambda outputs, targets: torch.tensor(0.0), model, 0.1)
+        >>> round(float(loss(None, None).detach()), 4)  # 0.1 x (1 + 1 + 1)
+        0.3
+    """
+
+    def __init__(self, loss_fn: Callable, model: nn.Module, strength: float):
+        self.loss_fn, self.strength = loss_fn, strength
+        self.scales = [module.weight for module in model.modules()
+                       if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None]
+
+    def __call__(self, outputs, targets):
+        penalty = sum(scale.abs().sum() for scale in self.scales)
+        return self.loss_fn(outputs, targets) + self.strength * penalty
