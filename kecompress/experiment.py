@@ -38,7 +38,7 @@ from .files import remove_stale_temporaries
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
-from .shape import Selection, SlimmingLoss
+from .shape import Selection, SlimmingLoss, learned_split
 from .slim import fit_shaped, fit_sized, slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
@@ -95,6 +95,9 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             load_weights(model, config.weights)
         selection = run_selection(config)
         teacher = _teacher(config, len(classes)) if config.distill_from_run else None
+        if selection and selection.widths == "global" and not resume:  # a budget no shape meets: refused before training
+            learned_split(model, config.rate, select="first", widths="global", fit_macs=selection.fit_macs,
+                          align=config.align, example_inputs=example_inputs)
         shaping = None
         if config.fit_only and (config.shape_from or selection):  # a borrowed or learned shape
             shaping = run_dir.read_shape() if resume else \
