@@ -237,9 +237,10 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     val_images = int(distributed.all_sum([len(loop.val_loader.dataset)])[0])  # each rank holds a part
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
                  if distributed.is_distributed() else "")
-    shape = (f"of {shape_from}'s fit" if shape_from else f"learned by {select} {widths} in {shape_epochs} dense epochs"
-             if (select, widths) != ("first", "uniform") else f"of its KELS fit at rate {rate}")
-    what = (f"the network of the shape {shape}, from scratch ({parameter_count(loop.model):,} parameters)"
+    shape = (f"the shape of {shape_from}'s fit" if shape_from else
+             f"a shape learned by {select}, {widths} widths, in {shape_epochs} dense epochs"
+             if (select, widths) != ("first", "uniform") else f"its KELS fit's shape at rate {rate}")
+    what = (f"the network of {shape}, from scratch ({parameter_count(loop.model):,} parameters)"
             if fit_only else describe_split(the_split))
     _print_on_main(f"[bold]kecompress evolve[/] {model}: {what}, "
                    f"forgetting {describe(loop.run_config.forget)}; "
