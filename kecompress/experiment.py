@@ -210,7 +210,7 @@ def run_selection(config: RunConfig) -> Selection | None:
     if config.split != "kels":
         raise KecompressError("choosing the fit by importance needs a KELS split: drop --select and --widths "
                               "or use --split kels")
-    if not config.fit_only and config.select_after >= config.training.generations:
+    if not config.fit_only and not config.weights and config.select_after >= config.training.generations:
         raise KecompressError(f"--select-after {config.select_after} leaves no generation after it of the "
                               f"{config.training.generations}: choose a smaller --select-after or more --generations")
     return selection

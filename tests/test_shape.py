@@ -183,3 +183,15 @@ def test_bad_options_end_in_one_line_and_exit_2(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_from_weights_the_fit_is_chosen_before_the_first_generation(tmp_path):
+    model = randomise_batchnorm(build("resnet18"))
+    torch.save(model.state_dict(), tmp_path / "start.pt")
+    out = tmp_path / "run"
+    assert main(["evolve", "resnet18", "--generations", "1", "--epochs", "1", "--batch-size", "64", "--weights",
+                 str(tmp_path / "start.pt"), "--select", "bn-scale", "--align", "8", "--out", str(out)]) == 0
+    chosen = RunDirectory(out).read_split()
+    expected = learned_split(model, 0.5, select="bn-scale", align=8, example_inputs=torch.zeros(1, 3, 32, 32))
+    assert chosen.select == "bn-scale"
+    assert all(torch.equal(chosen.masks[name], mask) for name, mask in expected.masks.items())
