@@ -35,7 +35,7 @@ from .bench import count_macs_params
 from .errors import KecompressError
 from .slim import slice_fit
 from .split import (Split, _channel_blocks, _is_depthwise, check_align, check_rate, default_example_inputs,
-                    fit_channels, kels_groups, masks_of_groups, split as make_split, trace_dependency_graph)
+                    kels_groups, masks_of_groups, split as make_split, trace_dependency_graph)
 
 SELECTIONS = ("first", "magnitude", "bn-scale", "taylor")
 WIDTHS = ("uniform", "global")
@@ -114,8 +114,9 @@ def learned_split(model: nn.Module, rate: float = 0.5, *, select: str = "magnitu
     if select == "first" and widths == "uniform":
         return make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
     graph = trace_dependency_graph(model, example_inputs)
-    groups = [_Group(graph, group, uniform, align) for group, uniform in kels_groups(graph, rate, align)]
-    with _gradients(model, graph, select, example_inputs, batches, loss_fn):
+    qkv_blocks = qkv_heads(model)
+    groups = [_Group(graph, group, uniform, align, qkv_blocks) for group, uniform in kels_groups(graph, rate, align)]
+    with _gradients(model, select, batches, loss_fn):
         for group in groups:
             group.score(select)
     if widths == "uniform":
@@ -130,13 +131,13 @@ def learned_split(model: nn.Module, rate: float = 0.5, *, select: str = "magnitu
 
 
 class _Group:
-    """One coupled group: its channels in equal blocks, their importance, and its layers' share of
-    the dense MACs on each side (to estimate the fit's MACs without cutting it)."""
+    """One coupled group: its channels in equal blocks (a grouped convolution's), the paper's fit of
+    it (``uniform``), and its channels' importance, normalised by their mean."""
 
-    def __init__(self, graph: tp.DependencyGraph, group, uniform: set[int], align: int):
-        self.graph, self.group, self.uniform = graph, group, uniform
+    def __init__(self, graph: tp.DependencyGraph, group, uniform: set[int], align: int, qkv_blocks: dict):
+        self.group, self.uniform = group, uniform
         self.channels = len(group.items[0].idxs)
-        self.blocks = _channel_blocks(graph, group, self.channels, qkv_heads(graph.model))
+        self.blocks = _channel_blocks(graph, group, self.channels, qkv_blocks)
         self.size = self.channels // self.blocks
         self.step = align // math.gcd(align, self.blocks)  # per block, as fit_channels rounds
         self.scores = torch.zeros(self.channels)
@@ -336,7 +337,7 @@ _IMPORTANCE = {
 }
 
 
-def _gradients(model, graph, select: str, example_inputs, batches, loss_fn):
+def _gradients(model, select: str, batches, loss_fn):
     """For ``"taylor"``: the loss's gradients on ``batches`` in every parameter's ``.grad`` while
     the groups are scored, the previous ``.grad`` put back afterwards."""
     if select != "taylor":
