@@ -130,10 +130,10 @@ def info_view(info: SplitInfo, title: str):
     if info.fit_macs is not None:
         lines += [f"MACs: dense {info.dense_macs:,}, fit {info.fit_macs:,} ({info.dense_macs / info.fit_macs:.2f}x fewer); "
                   f"{info.coupled_groups} coupled channel groups cut once each (the logits' stay whole)"]
-    if info.uniform_fit_macs is not None:
-        lines += [f"channels chosen by {info.select}, {info.widths} widths: fit {info.fit_macs / info.dense_macs:.1%} of "
-                  f"the dense MACs; the uniform fit at rate {info.rate}: {info.uniform_fit_macs:,} "
-                  f"({info.uniform_fit_macs / info.dense_macs:.1%})"]
+        if info.uniform_fit_macs is not None:
+            lines += [f"channels chosen by {info.select}, {info.widths} widths: fit {info.fit_macs / info.dense_macs:.1%} "
+                      f"of the dense MACs; the uniform fit at rate {info.rate}: {info.uniform_fit_macs:,} "
+                      f"({info.uniform_fit_macs / info.dense_macs:.1%})"]
     else:
         lines += [f"MACs: {info.dense_macs:,} dense and fit alike (a WELS fit is sparse, not slim)"]
     for key, value in info.run.items():

@@ -195,3 +195,11 @@ def test_from_weights_the_fit_is_chosen_before_the_first_generation(tmp_path):
     expected = learned_split(model, 0.5, select="bn-scale", align=8, example_inputs=torch.zeros(1, 3, 32, 32))
     assert chosen.select == "bn-scale"
     assert all(torch.equal(chosen.masks[name], mask) for name, mask in expected.masks.items())
+
+
+def test_info_shows_a_learned_fits_widths_and_the_uniform_fits_macs_beside_it(capsys):
+    assert main(["info", "resnet18", "--num-classes", "10", "--input-size", "32", "--select", "magnitude",
+                 "--widths", "global", "--fit-macs", "0.3", "--align", "8"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "channels chosen by magnitude, global widths: fit 30." in printed
+    assert "the uniform fit at rate 0.5" in printed and "WELS" not in printed
