@@ -166,7 +166,9 @@ class Evolution:
             fit_batchnorm=fit_batchnorm, forget=settings_of(self.forgetting), metric=metric_name,
             training=self.config, distill_fit=fit_distillation and fit_distillation.identity(),
             finetune_fit=self.finetuning and self.finetuning.identity(),
-            world_size=distributed.world_size(), loaders="python")
+            world_size=distributed.world_size(), loaders="python",
+            **({"select": selection.select, "widths": selection.widths, "fit_macs": selection.fit_macs,
+                "select_after": selection.after, "sparsity": selection.sparsity} if selection else {}))
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
         self.callbacks = ([Checkpointing(self.run_dir)] if self.run_dir else []) + list(callbacks)
         self.progress = Progress()

@@ -139,6 +139,8 @@ def test_a_run_that_chooses_its_fit_resumes_bit_for_bit(tmp_path, stop_at):
     assert all(torch.equal(value, reference.model.state_dict()[key]) for key, value in resumed.model.state_dict().items())
     saved = RunDirectory(tmp_path).read_split()
     assert all(torch.equal(mask, reference.split.masks[name]) for name, mask in saved.masks.items())
+    with pytest.raises(kecompress.KecompressError, match="differs in select"):
+        small_evolution(tmp_path, generations=3, selection=Selection("magnitude", "global", sparsity=1e-3)).resume()
 
 
 def test_sparsity_penalises_batchnorm_scales_until_the_choice():
