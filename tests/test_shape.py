@@ -152,12 +152,13 @@ def test_sparsity_penalises_batchnorm_scales_until_the_choice():
     assert scales[1] < scales[0]
 
 
-def test_fit_only_shape_from_a_run_trains_that_shape_afresh_and_refuses_another_model(tmp_path, capsys):
+def test_fit_only_shape_from_a_run_trains_that_shape_afresh_taught_by_it_and_refuses_another_model(tmp_path, capsys):
     ke, borrowed = tmp_path / "ke", tmp_path / "borrowed"
     assert main(["evolve", "mobilenet_v3_small", *FAST, "--select", "magnitude", "--widths", "global",
                  "--fit-macs", "0.3", "--out", str(ke)]) == 0
     assert main(["evolve", "mobilenet_v3_small", "--fit-only", "--generations", "1", "--epochs", "1",
-                 "--batch-size", "64", "--shape-from", str(ke), "--out", str(borrowed)]) == 0
+                 "--batch-size", "64", "--shape-from", str(ke), "--distill-from-run", str(ke), "--out", str(borrowed)]) == 0
+    assert RunDirectory(borrowed).read_config().distill_from_run == str(ke.resolve())
     dense, split, _ = RunDirectory(ke).load()
     fit = kecompress.slice_fit(dense, split, example_inputs=torch.zeros(1, 3, 32, 32))
     trained, _, _ = RunDirectory(borrowed).load()
