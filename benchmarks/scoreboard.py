@@ -17,6 +17,14 @@ same training images, with the same loss, optimizer and schedule shape, seed by 
                     0.5; Hinton et al. 2015) from the long arm's dense network of the same seed (KELS only)
     small-ban       born-again fit-sized networks (Furlanello et al., ICML 2018): G generations of E epochs,
                     each a fresh network taught by the labels and the previous generation (T=1, weight 0.5)
+    learned-scratch the network of a learned shape (channels by BatchNorm scale, global widths at the uniform
+                    fit's MACs) trained from scratch for G*E epochs; the shape learned by E epochs of the dense
+                    network with network slimming's L1 penalty (--shape-epochs E --sparsity 1e-4), counted
+    learned-kd      learned-scratch with knowledge distillation from the long arm's dense network, as small-kd
+    ke-learned      KE whose fit is chosen after generation 1 by BatchNorm scale, global widths at the uniform
+                    fit's MACs (--select bn-scale --widths global, the penalty on in generation 1)
+    uniform-select  ke-learned at uniform widths (--rate of every group), the channels by BatchNorm scale: "which
+                    channels" without "how many"
     lottery         for --split wels: iterative magnitude pruning with rewinding to the end of the first
                     epoch (Frankle et al., ICLR 2019 and ICML 2020), G rounds of E epochs, to the WELS fit's sparsity
     magnitude       for --split wels: the dense network trained for (G-1)*E epochs, pruned once by global weight
@@ -101,7 +109,8 @@ from kecompress.training import EpochLoop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-restart", "long", "long-distill",
-             "small-scratch", "small-kd", "small-ban", "edge-popup-kels")
+             "small-scratch", "small-kd", "small-ban", "learned-scratch", "learned-kd", "ke-learned", "uniform-select",
+             "edge-popup-kels")
 WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long", "long-distill", "lottery",
              "magnitude", "edge-popup")
 DISTILLATION_ARMS = ("distill-from-1", "distill-ramp", "distill-t4-labels")  # only when --arms names them
@@ -112,6 +121,10 @@ PROBED = (*FORGETTING, "ke-distill", *DISTILLATION_ARMS, "ke-finetune", "long", 
 SMALL_KD = FitFinetuning(1, temperature=4.0, kd_weight=0.5)  # Hinton et al.'s usual form; epochs unused here
 BORN_AGAIN = FitFinetuning(1, temperature=1.0, kd_weight=0.5)
 BASELINES = ("small-scratch", "small-kd")  # what a slim network must beat
+# The learned arms' shape: channels by BatchNorm scale, one global ranking to the uniform fit's MACs (the
+# default --fit-macs), network slimming's penalty at its paper's CIFAR strength while it is learned.
+LEARNED_SHAPE = {"select": "bn-scale", "widths": "global", "sparsity": 1e-4}
+KD_ARMS = ("small-kd", "learned-kd")  # they learn from their seed's long arm
 JOB_FORMAT = 1  # raise when a job's record changes, so that jobs kept from before are run again
 PAPER_SETTING = ("python benchmarks/scoreboard.py --data DIR --per-class 0 --image-size 224 --generations 10 "
                  "--epochs 200 --lr 0.256 --warmup-epochs 5 --device cuda")
@@ -373,6 +386,32 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         dense, fit = None, record.fit  # the found network (record.dense is the random one it was found in)
         macs = 3 * dense_macs * images * total + fit_macs * images  # the masked network trained; a re-estimation
         extra["random_network_accuracy"] = record.dense
+    elif arm in ("learned-scratch", "learned-kd"):
+        loop = build(1, total)
+        dense_macs, _ = forward_macs(loop)
+        if arm == "learned-kd":
+            loop.model.load_state_dict(torch.load(teacher_file, weights_only=True))
+            teacher = loop.model
+            teacher_job = json.loads(Path(teacher_file).with_suffix(".json").read_text())
+        student = build(1, total, fit_only=True, **LEARNED_SHAPE, shape_epochs=e)  # --fit-only --shape-epochs E
+        fit_macs, _ = count_macs_params(student.model, student.input_shape)
+        if arm == "learned-kd":
+            with_teacher(student, teacher, SMALL_KD)
+            extra["teacher_seconds"] = teacher_job["seconds"]
+        [record] = student.run()
+        dense, fit = None, record.dense
+        macs = 3 * dense_macs * images * e + 3 * fit_macs * images * total  # the shape's dense epochs, then the fit
+        if arm == "learned-kd":
+            macs += teacher_job["train_macs"] + dense_macs * images * total
+        extra["fit_mac_share"] = fit_macs / dense_macs
+    elif arm in ("ke-learned", "uniform-select"):
+        shape = LEARNED_SHAPE if arm == "ke-learned" else {**LEARNED_SHAPE, "widths": "uniform"}
+        loop = build(g, e, select_after=1, **shape)
+        history = loop.run()
+        dense_macs, fit_macs = forward_macs(loop)  # the fit as chosen after generation 1
+        dense, fit = history[-1].dense, history[-1].fit
+        macs = 3 * dense_macs * images * total + fit_macs * images * g
+        extra["fit_mac_share"] = fit_macs / dense_macs
     else:
         raise ValueError(f"unknown arm {arm}")
     if probe:
@@ -402,21 +441,21 @@ def run_jobs(arms: list[str], seeds: list[int], settings: dict, work_dir: Path, 
                 print(f"{arm} seed {seed}: kept from {path(arm, seed)}", flush=True)
             else:
                 waiting.append((arm, seed))
-    needs_teacher = {seed for arm, seed in waiting if arm == "small-kd"}
+    needs_teacher = {seed for arm, seed in waiting if arm in KD_ARMS}
     for seed in needs_teacher:  # a long job kept from before without its network: train it again
         if ("long", seed) not in waiting and not teacher(seed).is_file():
             waiting.append(("long", seed))
     print(f"{len(waiting)} jobs to run, {workers} at a time, {settings['threads']} thread(s) each", flush=True)
 
     def ready(arm, seed):
-        return arm != "small-kd" or (teacher(seed).is_file() and path("long", seed).is_file())
+        return arm not in KD_ARMS or (teacher(seed).is_file() and path("long", seed).is_file())
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         running = {}
         while waiting or running:
             for arm, seed in [job for job in waiting if ready(*job)][:max(0, workers - len(running))]:
                 waiting.remove((arm, seed))
-                file = str(teacher(seed)) if arm in ("long", "small-kd") and seed in needs_teacher else None
+                file = str(teacher(seed)) if arm in ("long", *KD_ARMS) and seed in needs_teacher else None
                 running[pool.submit(run_job, arm, seed, settings, file)] = arm, seed
             if not running:
                 raise RuntimeError(f"jobs that can never start: {waiting}")

@@ -16,6 +16,7 @@ from .callbacks import Callback
 from .progress import Progress
 from .rundir import RunDirectory
 from .slim import slice_fit
+from .split import Split
 
 if TYPE_CHECKING:
     from .evolution import Evolution
@@ -36,7 +37,8 @@ def checkpoint_state(loop: "Evolution") -> dict:
             "optimizer": loop.optimizer.state_dict(), "schedule": loop.schedule.state_dict(),
             "scaler": loop.amp.state_dict(), "rng": torch.get_rng_state(),
             "config": {**loop.config.identity(), "target": loop.config.target},
-            "split": {"method": loop.split.method, "rate": loop.split.rate, "seed": loop.split.seed},
+            "split": {"method": loop.split.method, "rate": loop.split.rate, "seed": loop.split.seed,
+                      **({"chosen": loop.split.to_dict()} if loop.selection else {})},
             "world_size": distributed.world_size()}
 
 
@@ -52,6 +54,8 @@ def restore(loop: "Evolution", run_dir: RunDirectory) -> bool:
     if state is None:
         return False
     loop.model.load_state_dict(state["model"])
+    if "chosen" in (state.get("split") or {}):  # the split as it was at the checkpoint: chosen by importance or not yet
+        loop.split = Split.from_dict(state["split"]["chosen"])
     loop.progress = Progress.from_state_dict(state, loop.metric_name, distributed.rank())
     if loop.progress.phase == "finetune":  # the fit network being fine-tuned, as it was
         loop.fit = slice_fit(loop.model, loop.split, example_inputs=loop.example_input())

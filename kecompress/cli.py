@@ -44,6 +44,7 @@ from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, ca
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .runfile import evolve_defaults, read_run_file, run_file_text
+from .shape import SELECTIONS, WIDTHS, learned_split
 from .slim import fit_network, slice_fit
 from .split import METHODS, split as make_split
 from .weights import WeightsNote
@@ -138,6 +139,28 @@ def app():
               help="no KE: train a network of the KELS fit's shape at --rate, freshly initialised, from scratch "
                    "(the recipe docs/results.md measured best for a slim network on small data; use "
                    "--generations 1 and all the epochs in --epochs)")
+@click.option("--select", type=click.Choice(SELECTIONS), default="first",
+              help="KELS: which channels each coupled group keeps: first (the paper's rule), or the most important by "
+                   "magnitude (group L2 norm), bn-scale (BatchNorm scale, network slimming) or taylor (weight x "
+                   "gradient); chosen on the dense network after --select-after, then fixed")
+@click.option("--select-after", type=POSITIVE, default=1, metavar="G",
+              help="--select/--widths: the generation after which the fit is chosen (from --weights: before the first)")
+@click.option("--widths", type=click.Choice(WIDTHS), default="uniform",
+              help="KELS: how many channels each group keeps: uniform (--rate of each) or global (one importance "
+                   "ranking across all groups, to the budget --fit-macs)")
+@click.option("--fit-macs", type=FRACTION, default=None, metavar="F",
+              help="--widths global: the fit's share of the dense network's MACs [default: the uniform fit's at "
+                   "--rate and --align]")
+@click.option("--sparsity", type=click.FloatRange(0), default=0.0, metavar="L1",
+              help="network slimming: L1 penalty on BatchNorm scales while the shape is being learned (e.g. 1e-4)")
+@click.option("--shape-epochs", type=click.IntRange(0), default=0, metavar="N",
+              help="--fit-only with --select/--widths: train the dense network N epochs to learn the shape first "
+                   "(its cost is part of the run's), then the network of that shape from scratch")
+@click.option("--shape-from", type=click.Path(path_type=Path), default=None, metavar="RUN",
+              help="--fit-only: train a freshly initialised network of the shape of RUN's fit (Liu et al. 2019's test)")
+@click.option("--distill-from-run", type=click.Path(path_type=Path), default=None, metavar="RUN",
+              help="--fit-only: every step also learns from the finished run RUN's dense network (knowledge "
+                   "distillation, temperature 4, half the labels' loss)")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
               help="fp32, or mixed precision: bf16 or fp16 (with a gradient scaler) under autocast")
@@ -162,7 +185,8 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
-           distill_label_weight, distill_start, distill_ramp, finetune_fit, fit_only, device, precision, channels_last,
+           distill_label_weight, distill_start, distill_ramp, finetune_fit, fit_only, select, select_after, widths,
+           fit_macs, sparsity, shape_epochs, shape_from, distill_from_run, device, precision, channels_last,
            compile_model, tensorboard, weights, trust_model_file, print_config):
     """Train MODEL for several generations of Knowledge Evolution.
 
@@ -212,7 +236,10 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
                        fit_batchnorm=fit_batchnorm, forget=forgetting, training=training,
                        trust_model_file=trust_model_file, distill_fit=distillation and distillation.identity(),
                        finetune_fit=FitFinetuning(finetune_fit).identity() if finetune_fit else None,
-                       fit_only=fit_only)
+                       fit_only=fit_only, select=select, select_after=select_after, widths=widths,
+                       fit_macs=fit_macs, sparsity=sparsity, shape_epochs=shape_epochs,
+                       shape_from=str(shape_from.resolve()) if shape_from else None,
+                       distill_from_run=str(distill_from_run.resolve()) if distill_from_run else None)
     if print_config:
         _print_run_file(replace(config, world_size=distributed.world_size()), print_config)
         return
@@ -232,8 +259,11 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
     val_images = int(distributed.all_sum([len(loop.val_loader.dataset)])[0])  # each rank holds a part
     processes = (f"; {distributed.world_size()} processes ({torch.distributed.get_backend()})"
                  if distributed.is_distributed() else "")
-    what = (f"the network of its KELS fit's shape at rate {rate}, from scratch ({parameter_count(loop.model):,} "
-            "parameters)" if fit_only else describe_split(the_split))
+    shape = (f"the shape of {shape_from}'s fit" if shape_from else
+             f"a shape learned by {select}, {widths} widths, in {shape_epochs} dense epochs"
+             if (select, widths) != ("first", "uniform") else f"its KELS fit's shape at rate {rate}")
+    what = (f"the network of {shape}, from scratch ({parameter_count(loop.model):,} parameters)"
+            if fit_only else describe_split(the_split))
     _print_on_main(f"[bold]kecompress evolve[/] {model}: {what}, "
                    f"forgetting {describe(loop.run_config.forget)}; "
                    f"{len(loop.train_loader.dataset)} training / {val_images} validation images, "
@@ -264,8 +294,12 @@ def describe_split(the_split) -> str:
                 "of frozen random weights")
     aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
     paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
-    return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
-            f"of {the_split.total_count():,} split parameters{paper}")
+    chosen = ""
+    if (the_split.select, the_split.widths) != ("first", "uniform"):
+        budget = f" to {the_split.fit_macs:.3g} of the dense MACs" if the_split.fit_macs is not None else ""
+        chosen = f", channels by {the_split.select}, {the_split.widths} widths{budget}"
+    return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}{chosen}, fit "
+            f"{the_split.fit_fraction():.1%} of {the_split.total_count():,} split parameters{paper}")
 
 
 def _read_run_file(ctx: click.Context, path: Path | None) -> None:
@@ -562,8 +596,14 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
 @app.command()
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="print it as JSON")
+@click.option("--select", type=click.Choice(SELECTIONS), default="first",
+              help="which channels the split of an untrained model keeps (a run directory has its own)")
+@click.option("--widths", type=click.Choice(WIDTHS), default="uniform",
+              help="how many per group, for an untrained model: uniform, or global to --fit-macs")
+@click.option("--fit-macs", type=FRACTION, default=None, metavar="F", help="--widths global: the fit's share of the MACs")
 @_model_options
-def info(source, as_json, split_method, rate, align, num_classes, image_size, trust_model_file):
+def info(source, as_json, select, widths, fit_macs, split_method, rate, align, num_classes, image_size,
+         trust_model_file):
     """What a split does before any training: kept channels per layer, coupled groups, parameters and
     MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
 
@@ -586,7 +626,13 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         size = image_size or 224
         dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file, image_size=size).eval()
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
-        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
+        if (select, widths) != ("first", "uniform") or fit_macs is not None:
+            if split_method != "kels":
+                raise KecompressError("--select and --widths choose a KELS fit: drop them or use --split kels")
+            the_split = learned_split(dense, rate, select=select, widths=widths, fit_macs=fit_macs, align=align,
+                                      example_inputs=torch.zeros(1, 3, size, size))
+        else:
+            the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
         run = {}
     described = split_info(dense, the_split, (3, size, size), run)
     if as_json:

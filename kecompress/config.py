@@ -97,6 +97,14 @@ class RunConfig:
     distill_fit: dict | None = None  # FitDistillation's settings; None: no in-place distillation
     finetune_fit: dict | None = None  # FitFinetuning's settings; None: no fine-tuning of the fit
     fit_only: bool = False  # train the fit-sized network from scratch (kecompress.slim.fit_sized), no generations of KE
+    select: str = "first"  # KELS: which channels the fit keeps (kecompress.shape): first, magnitude, bn-scale, taylor
+    select_after: int = 1  # KE: the generation after which the fit is chosen by importance (a --weights start: before 1)
+    widths: str = "uniform"  # KELS: how many channels each group keeps: uniform (--rate) or global (--fit-macs)
+    fit_macs: float | None = None  # widths global: the fit's share of the dense MACs; None: the uniform fit's
+    sparsity: float = 0.0  # network slimming's L1 penalty on BatchNorm scales while the shape is learned
+    shape_epochs: int = 0  # fit-only with a learned shape: epochs of the dense network that learn it
+    shape_from: str | None = None  # fit-only: the run directory whose fit's shape is trained from scratch
+    distill_from_run: str | None = None  # fit-only: the run directory whose dense network teaches
     world_size: int = 1
     trust_model_file: bool = False
     loaders: str = "kecompress"  # "kecompress": data and loss built from this config; "python": the user's own
@@ -105,7 +113,9 @@ class RunConfig:
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
     _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
-               "forget": {"name": "ke"}, "align": 1, "fit_only": False}
+               "forget": {"name": "ke"}, "align": 1, "fit_only": False, "select": "first", "select_after": 1,
+               "widths": "uniform", "fit_macs": None, "sparsity": 0.0, "shape_epochs": 0, "shape_from": None,
+               "distill_from_run": None}
 
     @property
     def arch(self) -> str | None:

@@ -47,6 +47,7 @@ from .progress import Progress
 from .records import FinetuneRecord, GenerationRecord
 from .rundir import RunDirectory
 from .seeds import reset_seed
+from .shape import Selection, SlimmingLoss
 from .slim import fit_network
 from .split import Split
 from .training import EpochLoop, TrainingStep, make_optimizer
@@ -96,6 +97,10 @@ class Evolution:
             (:mod:`kecompress.forgetting`): KE's reset by default, or ``LaterLayers()``,
             ``ShrinkPerturb()``, ``WarmRestart()``, or an object of your own with a
             ``forget_(model, split, seed=None)`` method. Part of the run's identity.
+        selection: a :class:`~kecompress.shape.Selection`: after its generation ``after`` the
+            split is chosen anew by importance on the dense network (written to the run
+            directory, carried by every checkpoint), then fixed; until then BatchNorm scales carry
+            its ``sparsity`` penalty. KELS only.
 
     Under torchrun, with a process group initialised (:func:`kecompress.distributed.setup`),
     training runs through ``DistributedDataParallel``: give ``train_loader`` a
@@ -120,8 +125,14 @@ class Evolution:
                  precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
                  fit_batchnorm: str = "re-estimated", forgetting: Forgetting | None = None,
                  fit_distillation: FitDistillation | None = None, finetune_fit: int | FitFinetuning | None = None,
-                 run_config: RunConfig | None = None):
+                 run_config: RunConfig | None = None, selection: Selection | None = None):
         split.check_matches(model)
+        if selection is not None and split.method != "kels":
+            raise KecompressError("choosing the fit by importance needs a KELS split: drop --select and --widths "
+                                  "or use --split kels")
+        if selection is not None and fit_distillation is not None and not selection.made(split):
+            raise KecompressError("in-place distillation follows a fit fixed from the start: drop --distill-fit, "
+                                  "or choose the fit from --weights (before the first generation)")
         if fit_batchnorm not in FIT_BATCHNORM:
             raise KecompressError(f"fit_batchnorm must be one of {', '.join(FIT_BATCHNORM)}, got {fit_batchnorm!r}")
         if distributed.launched() and not distributed.is_distributed():
@@ -149,13 +160,16 @@ class Evolution:
         self.fit_batchnorm = fit_batchnorm
         self.example_inputs = example_inputs
         self.forgetting = for_model(ResetHypothesis() if forgetting is None else forgetting, self.model)
+        self.selection = selection
         self.run_config = run_config or RunConfig(
             model=None, split=split.method, rate=split.rate, align=split.align, seed=split.seed, val_fraction=None,
             batch_size=getattr(train_loader, "batch_size", None), label_smoothing=None,
             fit_batchnorm=fit_batchnorm, forget=settings_of(self.forgetting), metric=metric_name,
             training=self.config, distill_fit=fit_distillation and fit_distillation.identity(),
             finetune_fit=self.finetuning and self.finetuning.identity(),
-            world_size=distributed.world_size(), loaders="python")
+            world_size=distributed.world_size(), loaders="python",
+            **({"select": selection.select, "widths": selection.widths, "fit_macs": selection.fit_macs,
+                "select_after": selection.after, "sparsity": selection.sparsity} if selection else {}))
         self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
         self.callbacks = ([Checkpointing(self.run_dir)] if self.run_dir else []) + list(callbacks)
         self.progress = Progress()
@@ -235,6 +249,12 @@ class Evolution:
     def _run_generation(self, generation: int) -> None:
         progress = self.progress
         resumed_inside = progress.inside_generation()
+        selection = self.selection
+        if selection and not resumed_inside and generation == selection.after + 1 and not selection.made(self.split):
+            self._choose_split()
+        if selection:  # network slimming's penalty while the shape is still to be chosen
+            penalised = selection.sparsity and not selection.made(self.split)
+            self.step.loss_fn = SlimmingLoss(self.loss_fn, self.model, selection.sparsity) if penalised else self.loss_fn
         if not resumed_inside:
             if generation > 1:
                 self.forgetting.forget_(self.model, self.split, seed=reset_seed(self.config.seed, generation))
@@ -246,6 +266,14 @@ class Evolution:
         record = self._evaluate_generation(generation, train_loss, started)
         progress.finish_generation(record)
         self.call("on_generation_end", record)
+
+    def _choose_split(self) -> None:
+        """The split chosen by importance on the dense network as it is now (every rank alike: the
+        same weights give the same choice), saved to the run directory; fixed from now on."""
+        self.split = self.selection.choose(self.model, self.split, self.example_input(), self.train_loader,
+                                           self.loss_fn)
+        if self.run_dir is not None and distributed.is_main():
+            self.run_dir.write_split(self.split)
 
     def _finetune(self) -> None:
         """Fine-tune ``self.fit`` alone, the dense network its teacher; its epochs draw their seeds

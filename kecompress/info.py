@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .bench import count_macs_params
 from .slim import slice_fit
-from .split import SPLITTABLE_LAYERS, Split, trace_dependency_graph
+from .split import SPLITTABLE_LAYERS, Split, split as make_split, trace_dependency_graph
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ class SplitInfo:
     fit_macs: int | None  # None for WELS: a sparse network runs at the dense network's cost
     run: dict = field(default_factory=dict)  # a run directory's configuration and last generation
     align: int = 1  # every coupled group keeps a multiple of this many channels
+    select: str = "first"  # which channels: first, or by importance (kecompress.shape)
+    widths: str = "uniform"  # how many per group: uniform, or global to a MAC budget
+    uniform_fit_macs: int | None = None  # a learned split: the paper's uniform fit's MACs at the same rate and align
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -83,8 +86,13 @@ def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run
         graph = trace_dependency_graph(model, example)
         groups = sum(1 for _ in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
         fit_macs, _ = count_macs_params(slice_fit(model, split, example_inputs=example), input_shape)
+    uniform_macs = None
+    if (split.select, split.widths) != ("first", "uniform"):  # beside it, the paper's fit of the same rate
+        uniform = make_split(model, "kels", split.rate, example_inputs=example, align=split.align)
+        uniform_macs, _ = count_macs_params(slice_fit(model, uniform, example_inputs=example), input_shape)
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
-                     split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align)
+                     split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align,
+                     split.select, split.widths, uniform_macs)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:
@@ -122,6 +130,10 @@ def info_view(info: SplitInfo, title: str):
     if info.fit_macs is not None:
         lines += [f"MACs: dense {info.dense_macs:,}, fit {info.fit_macs:,} ({info.dense_macs / info.fit_macs:.2f}x fewer); "
                   f"{info.coupled_groups} coupled channel groups cut once each (the logits' stay whole)"]
+        if info.uniform_fit_macs is not None:
+            lines += [f"channels chosen by {info.select}, {info.widths} widths: fit {info.fit_macs / info.dense_macs:.1%} "
+                      f"of the dense MACs; the uniform fit at rate {info.rate}: {info.uniform_fit_macs:,} "
+                      f"({info.uniform_fit_macs / info.dense_macs:.1%})"]
     else:
         lines += [f"MACs: {info.dense_macs:,} dense and fit alike (a WELS fit is sparse, not slim)"]
     for key, value in info.run.items():

@@ -35,7 +35,7 @@ from .files import atomic_path, save_json, save_torch
 from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
-from .slim import fit_sized, slice_fit
+from .slim import fit_shaped, fit_sized, slice_fit
 from .split import Split, block_mask, default_example_inputs, kept_indices, split as make_split
 
 # /2 records the fit channels of every parameter; /1 only the split's method, rate and seed (the rate rule).
@@ -52,6 +52,7 @@ class RunDirectory:
 
     CONFIG, SPLIT, CHECKPOINT, METRICS = "config.json", "split.pt", "checkpoint.pt", "metrics.json"
     CHART, DENSE, FIT, SOURCE_MODEL, ONNX = "generations.png", "dense.pt", "fit.pt", "source_model.pt", "onnx"
+    SHAPE = "shape.pt"  # fit-only runs of a learned or borrowed shape: the split of the source that gives it
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -61,6 +62,7 @@ class RunDirectory:
 
     config_file = property(lambda self: self.path / self.CONFIG)
     split_file = property(lambda self: self.path / self.SPLIT)
+    shape_file = property(lambda self: self.path / self.SHAPE)
     checkpoint_file = property(lambda self: self.path / self.CHECKPOINT)
     metrics_file = property(lambda self: self.path / self.METRICS)
     chart_file = property(lambda self: self.path / self.CHART)
@@ -106,8 +108,20 @@ class RunDirectory:
                                   "the run directory cannot be used") from None
 
     def read_split(self) -> Split:
-        """The split the run was made with."""
+        """The split the run was made with (chosen by importance: the one chosen)."""
         return Split.load(self.split_file)
+
+    def write_split(self, split: Split) -> None:
+        """Replace the run's split: a split chosen by importance during the run (``--select-after``)."""
+        save_torch(split.to_dict(), self.split_file)
+
+    def write_shape(self, shaping: Split) -> None:
+        """Record the split of the source architecture whose fit gives a fit-only run its shape."""
+        save_torch(shaping.to_dict(), self.shape_file)
+
+    def read_shape(self) -> Split | None:
+        """The split that gives a fit-only run its shape, when it was learned or borrowed; None for the rate rule."""
+        return Split.load(self.shape_file) if self.shape_file.is_file() else None
 
     def check_same_run(self, config: RunConfig) -> None:
         """Refuse to continue this run with ``config`` unless it is the same run (one line naming
@@ -239,8 +253,8 @@ class RunDirectory:
             model = plain_network(model, keep_masked=False)
         save_torch(model.state_dict(), self.dense_file)
         if config.fit_only:  # the fit's channels as the source architecture numbers them, so load_fit rebuilds it
-            split = make_split(self.build_source(config), "kels", config.rate,
-                               example_inputs=torch.zeros(1, *input_shape), align=config.align)
+            split = self.read_shape() or make_split(self.build_source(config), "kels", config.rate,
+                                                    example_inputs=torch.zeros(1, *input_shape), align=config.align)
         if split.method == "kels":
             save_fit(self.fit_file, fit, config, split, input_shape)
 
@@ -257,6 +271,9 @@ class RunDirectory:
             return source
         channels = default_example_inputs(source).shape[1]
         example = torch.zeros(1, channels, config.image_size, config.image_size)
+        shaping = self.read_shape()
+        if shaping is not None:
+            return fit_shaped(source, shaping, example)
         return fit_sized(source, config.rate, config.align, example)[0]
 
     def build_source(self, config: RunConfig, trust_file: bool = False) -> nn.Module:

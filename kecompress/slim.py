@@ -95,13 +95,28 @@ def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None
         (8, 0.5)
     """
     shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
+    return fit_shaped(model, shaping, example_inputs, seed=seed), shaping
+
+
+def fit_shaped(model: nn.Module, shaping: Split, example_inputs=None, *, seed: int | None = None) -> nn.Module:
+    """A network of the shape of ``model``'s fit under the KELS split ``shaping`` (any split: a
+    learned one, another run's), every layer re-initialised its own default way (from ``seed``
+    when given): that architecture trained from scratch, Liu et al.'s test of whether a pruned
+    architecture, not its inherited weights, is what helps. ``model`` is left untouched.
+
+    Example:
+        >>> import kecompress
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> fit_shaped(model, kecompress.split(model, "kels", 0.25), seed=0)[0].out_features
+        4
+    """
     slim = slice_fit(model, shaping, example_inputs=example_inputs)
     if seed is not None:
         torch.manual_seed(seed)
     for module in slim.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    return slim, shaping
+    return slim
 
 
 def _check_cut_runs(fit: nn.Module, example_inputs) -> None:

@@ -51,6 +51,11 @@ class Split:
         masks: parameter name (as in ``model.named_parameters()``) -> bool tensor of that
             parameter's shape, True = fit hypothesis.
         align: KELS: every coupled group keeps a multiple of this many channels (1: the paper's rule).
+        select: KELS: which channels a group keeps: ``"first"`` (the paper's rule) or the most
+            important by ``"magnitude"``, ``"bn-scale"`` or ``"taylor"`` (:mod:`kecompress.shape`).
+        widths: KELS: how many: ``"uniform"`` (``rate`` of every group) or ``"global"`` (one
+            ranking across all groups, to the MAC budget ``fit_macs``).
+        fit_macs: the fit's share of the dense network's MACs a ``"global"`` split was made for.
 
     Example:
         >>> import torchvision
@@ -67,6 +72,9 @@ class Split:
     seed: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     align: int = 1
+    select: str = "first"
+    widths: str = "uniform"
+    fit_macs: float | None = None
 
     def fit_count(self) -> int:
         """Number of parameter entries in the fit hypothesis.
@@ -137,11 +145,12 @@ class Split:
             'wels'
         """
         return {"method": self.method, "rate": self.rate, "seed": self.seed, "align": self.align,
-                "masks": dict(self.masks)}
+                "select": self.select, "widths": self.widths, "fit_macs": self.fit_macs, "masks": dict(self.masks)}
 
     @classmethod
     def from_dict(cls, state: dict) -> "Split":
-        """Rebuild a Split from :meth:`to_dict`'s output (a split saved before ``align`` existed has 1).
+        """Rebuild a Split from :meth:`to_dict`'s output (a split saved before ``align``, ``select`` and
+        ``widths`` existed has the paper's rule: 1, first, uniform).
 
         Example:
             >>> Split.from_dict(Split("wels", 0.5).to_dict()).rate
@@ -149,7 +158,9 @@ class Split:
         """
         try:
             return cls(method=str(state["method"]), rate=float(state["rate"]), seed=int(state["seed"]),
-                       masks={str(k): v.bool() for k, v in state["masks"].items()}, align=int(state.get("align", 1)))
+                       masks={str(k): v.bool() for k, v in state["masks"].items()}, align=int(state.get("align", 1)),
+                       select=str(state.get("select", "first")), widths=str(state.get("widths", "uniform")),
+                       fit_macs=None if state.get("fit_macs") is None else float(state["fit_macs"]))
         except (KeyError, TypeError, AttributeError) as error:
             raise KecompressError(f"not a kecompress split ({error!r}): make one with kecompress.split") from None
 
@@ -357,6 +368,21 @@ def _check_splittable_layers(model: nn.Module) -> None:
 
 def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int) -> dict[str, torch.Tensor]:
     graph = trace_dependency_graph(model, example_inputs)
+    return masks_of_groups(model, graph, list(kels_groups(graph, rate, align)))
+
+
+def masks_of_groups(model: nn.Module, graph: tp.DependencyGraph, groups: list) -> dict[str, torch.Tensor]:
+    """The KELS masks of ``model`` that keep, in every coupled group, the root channels given with
+    it (``groups``: ``(group, kept root channels)`` pairs, as :func:`kels_groups` yields them, or
+    chosen otherwise: by importance, say); every parameter no group touches stays whole.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> graph = trace_dependency_graph(model)
+        >>> [group] = [group for group, _ in kels_groups(graph, 0.5)]
+        >>> masks_of_groups(model, graph, [(group, {1, 5})])["0.bias"].tolist()
+        [False, True, False, False, False, True]
+    """
     name_of = {id(param): name for name, param in model.named_parameters()}
     masks = {}
     for module in model.modules():
@@ -365,8 +391,6 @@ def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int) -> di
                 masks[name_of[id(param)]] = torch.ones(param.shape, dtype=torch.bool)
     for unwrapped in graph.unwrapped_parameters:
         masks[name_of[id(unwrapped.parameters)]] = torch.ones(unwrapped.parameters.shape, dtype=torch.bool)
-
-    groups = list(kels_groups(graph, rate, align))
     for group, kept in groups:
         for item in group.items:
             reset = [idx for idx, root in zip(item.idxs, item.root_idxs) if root not in kept]
