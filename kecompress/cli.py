@@ -42,7 +42,7 @@ from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, ca
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
-from .split import METHODS, split as make_split
+from .split import GROUPED, METHODS, split as make_split
 from .weights import WeightsNote
 
 console = Console()
@@ -55,6 +55,8 @@ RATE = click.FloatRange(0, 1, min_open=True)
 ALIGN = click.IntRange(min=1)
 ALIGN_HELP = ("KELS: every coupled group of channels keeps a multiple of N (its count rounded up; e.g. 8 or 16, "
               "the block widths fast kernels compute in); 1: the paper's rule")
+GROUPED_HELP = ("KELS: how a grouped convolution (ResNeXt, RegNet) is cut: whole-groups keeps a rate share of its "
+                "groups at full width (runs fast), narrow keeps a rate share of every group (the paper's rule)")
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 IMAGE_SIZE = click.IntRange(min=8)
 UNIT = click.FloatRange(0, 1)
@@ -72,6 +74,8 @@ def app():
               help="kels (slim fit) or wels (sparse fit)")
 @click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1]")
 @click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP)
+@click.option("--grouped", type=click.Choice(GROUPED), default=None,
+              help=GROUPED_HELP + " [default: whole-groups; with --resume, the run's own]")
 @click.option("--generations", type=POSITIVE, default=5, help="number of generations")
 @click.option("--epochs", type=POSITIVE, default=10, help="epochs per generation")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -147,7 +151,7 @@ def app():
               help="a pretrained start: a state dict (or a checkpoint holding one) loaded into MODEL before the split; "
                    "a classifier of another size starts re-initialised")
 @click.option("--trust-model-file", is_flag=True, help=TRUST_HELP)
-def evolve(model, split_method, rate, align, generations, epochs, data, num_classes, image_size, val_fraction, augment,
+def evolve(model, split_method, rate, align, grouped, generations, epochs, data, num_classes, image_size, val_fraction, augment,
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
@@ -185,8 +189,10 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start,
                                        distill_ramp) if distill_fit else None
+        if grouped is None:  # a run made before --grouped existed narrowed its groups: it resumes as it was made
+            grouped = RunDirectory(out).read_config().grouped if resume and RunDirectory(out).is_run() else "whole-groups"
     config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
-                       split=split_method, rate=rate, align=align, seed=seed,
+                       split=split_method, rate=rate, align=align, grouped=grouped, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
                        augment=(augment or default_augmentation(image_size or FOLDER_IMAGE_SIZE)) if data else None,
@@ -236,6 +242,7 @@ def describe_split(the_split) -> str:
         'KELS split at rate 0.25 aligned to 8 channels, fit 50.6% of 178 split parameters (rate² 6.2%)'
     """
     aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
+    aligned += " narrowing every group of grouped convolutions" if the_split.grouped == "narrow" else ""
     paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
     return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
             f"of {the_split.total_count():,} split parameters{paper}")
@@ -301,7 +308,8 @@ def _short_names(paths: tuple[Path, ...]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_classes, image_size, trust_model_file):
+def _dense_and_fit(source: str, split_method: str, rate: float, align: int, grouped: str, num_classes, image_size,
+                   trust_model_file):
     """The dense network, its slim fit, the input shape and the split: from a finished run or an untrained model."""
     run_dir = RunDirectory(source)
     if run_dir.is_run():
@@ -318,7 +326,7 @@ def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_
     input_shape = (3, size, size)
     example = torch.zeros(1, *input_shape)
     output_features(dense, example)  # a clear error when the model does not take this input
-    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align)
+    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align, grouped=grouped)
     return dense, slice_fit(dense, the_split, example_inputs=example), input_shape, the_split
 
 
@@ -329,6 +337,8 @@ def _model_options(command):
                      help="split of an untrained model (a run directory has its own)"),
         click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1] of an untrained model"),
         click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP + " (an untrained model)"),
+        click.option("--grouped", type=click.Choice(GROUPED), default="whole-groups",
+                     help=GROUPED_HELP + " (an untrained model)"),
         click.option("--num-classes", type=POSITIVE, default=None,
                      help="outputs of an architecture built by name [default: 1000]"),
         click.option("--input-size", "image_size", type=IMAGE_SIZE, default=None,
@@ -372,7 +382,7 @@ def _export_options(command):
                    "validation data")
 @_model_options
 def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
-           calibration_images, max_accuracy_drop, split_method, rate, align, num_classes, image_size,
+           calibration_images, max_accuracy_drop, split_method, rate, align, grouped, num_classes, image_size,
            trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
@@ -389,7 +399,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")
-    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, grouped, num_classes, image_size,
                                                         trust_model_file)
     console.print(describe_split(the_split))
     calibration, validation = _int8_data(source, calibration_data, input_shape) if int8 else (None, None)
@@ -447,7 +457,7 @@ def _int8_data(source: str, calibration_data: Path | None, input_shape):
 @_export_options
 @_model_options
 def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, exporter, int8, calibration_data,
-          calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
+          calibration_images, split_method, rate, align, grouped, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
     SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
@@ -455,7 +465,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
     also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
     """
     _refuse_torchrun("bench")
-    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, grouped, num_classes, image_size,
                                                         trust_model_file)
     calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
@@ -471,7 +481,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="print it as JSON")
 @_model_options
-def info(source, as_json, split_method, rate, align, num_classes, image_size, trust_model_file):
+def info(source, as_json, split_method, rate, align, grouped, num_classes, image_size, trust_model_file):
     """What a split does before any training: kept channels per layer, coupled groups, parameters and
     MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
 
@@ -492,7 +502,8 @@ def info(source, as_json, split_method, rate, align, num_classes, image_size, tr
         size = image_size or 224
         dense = resolve_model(source, num_classes or 1000, trust_file=trust_model_file, image_size=size).eval()
         output_features(dense, torch.zeros(1, 3, size, size))  # a clear error when the model does not take this input
-        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
+        the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align,
+                               grouped=grouped)
         run = {}
     described = split_info(dense, the_split, (3, size, size), run)
     if as_json:

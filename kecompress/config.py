@@ -81,6 +81,7 @@ class RunConfig:
     split: str = "kels"
     rate: float = 0.5
     align: int = 1  # KELS: every coupled group keeps a multiple of this many channels
+    grouped: str = "whole-groups"  # KELS: a grouped conv keeps whole groups, or narrows every group (kecompress.split)
     seed: int = 0  # of the split, the data order and the resets
     data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
     image_size: int | None = None
@@ -105,7 +106,7 @@ class RunConfig:
     _NOT_IDENTITY = ("trust_model_file",)
     # Values of settings a run directory written before the setting existed had.
     _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
-               "forget": {"name": "ke"}, "align": 1, "fit_only": False}
+               "forget": {"name": "ke"}, "align": 1, "fit_only": False, "grouped": "narrow"}
 
     @property
     def arch(self) -> str | None:

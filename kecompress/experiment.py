@@ -91,7 +91,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if config.weights:
             load_weights(model, config.weights)
         if config.fit_only:  # the network of the fit's shape, freshly initialised, is the run's model
-            model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed)
+            model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed,
+                                 grouped=config.grouped)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
@@ -109,7 +110,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             return run_dir.read_split()
         rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
         new_split = make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
-                               align=config.align)
+                               align=config.align, grouped=config.grouped)
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:

@@ -55,6 +55,7 @@ class SplitInfo:
     fit_macs: int | None  # None for WELS: a sparse network runs at the dense network's cost
     run: dict = field(default_factory=dict)  # a run directory's configuration and last generation
     align: int = 1  # every coupled group keeps a multiple of this many channels
+    grouped: str = "whole-groups"  # a grouped convolution keeps whole groups, or narrows every group
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -84,7 +85,8 @@ def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run
         groups = sum(1 for _ in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
         fit_macs, _ = count_macs_params(slice_fit(model, split, example_inputs=example), input_shape)
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
-                     split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align)
+                     split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align,
+                     split.grouped)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:
@@ -119,6 +121,10 @@ def info_view(info: SplitInfo, title: str):
              f"of the split's parameters (rate² = {info.rate ** 2:.1%})",
              f"parameters: dense {info.dense_parameters:,}, fit {info.fit_parameters:,} "
              f"({info.fit_parameters / info.dense_parameters:.1%})"]
+    if info.method == "kels":
+        lines += [f"grouped convolutions: {info.grouped} ("
+                  + ("a rate share of the groups, each at full width)" if info.grouped == "whole-groups"
+                     else "every group, each narrowed to a rate share of its width)")]
     if info.fit_macs is not None:
         lines += [f"MACs: dense {info.dense_macs:,}, fit {info.fit_macs:,} ({info.dense_macs / info.fit_macs:.2f}x fewer); "
                   f"{info.coupled_groups} coupled channel groups cut once each (the logits' stay whole)"]

@@ -129,6 +129,7 @@ class RunDirectory:
         split = state.get("split") or {}
         training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
         return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"), align=1,
+                       grouped="narrow",
                        training=TrainingConfig(**training), world_size=state.get("world_size", 1),
                        forget={"name": "ke"})  # the one strategy of the versions that wrote such directories
 
@@ -214,6 +215,7 @@ class RunDirectory:
         data = Path(config.data).name if config.data else "the digits demo"
         forgetting = f", forgetting {describe(config.forget)}" if config.forget != {"name": "ke"} else ""
         aligned = f" aligned to {config.align} channels" if config.align != 1 else ""
+        aligned += " narrowing grouped convolutions" if config.grouped == "narrow" else ""
         return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{aligned}{forgetting}, on {data}"
 
     # -- the end: the final dense and fit networks -------------------------------------------
@@ -231,7 +233,7 @@ class RunDirectory:
         save_torch(model.state_dict(), self.dense_file)
         if config.fit_only:  # the fit's channels as the source architecture numbers them, so load_fit rebuilds it
             split = make_split(self.build_source(config), "kels", config.rate,
-                               example_inputs=torch.zeros(1, *input_shape), align=config.align)
+                               example_inputs=torch.zeros(1, *input_shape), align=config.align, grouped=config.grouped)
         if split.method == "kels":
             save_fit(self.fit_file, fit, config, split, input_shape)
 
@@ -248,7 +250,7 @@ class RunDirectory:
             return source
         channels = default_example_inputs(source).shape[1]
         example = torch.zeros(1, channels, config.image_size, config.image_size)
-        return fit_sized(source, config.rate, config.align, example)[0]
+        return fit_sized(source, config.rate, config.align, example, grouped=config.grouped)[0]
 
     def build_source(self, config: RunConfig, trust_file: bool = False) -> nn.Module:
         """The architecture the run started from (its name, or the model file it copied), freshly initialised.
@@ -317,7 +319,7 @@ def save_fit(path: Path, fit: nn.Module, config: RunConfig, split: Split, input_
     # The kept indices along each dimension: a KELS mask is their block, and they take far less room.
     fit_channels = {name: kept_indices(mask) for name, mask in split.masks.items()}
     recipe = {"format": FIT_FORMAT, "arch": config.arch, "num_classes": config.num_classes,
-              "method": split.method, "rate": split.rate, "seed": split.seed, "align": split.align,
+              "method": split.method, "rate": split.rate, "seed": split.seed, "align": split.align, "grouped": split.grouped,
               "fit_channels": fit_channels, "input_shape": list(input_shape), "state_dict": fit.state_dict()}
     save_torch(recipe, path)
 
@@ -353,7 +355,8 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
             raise KecompressError(f"the fit channels in {path} do not name this model's parameters: "
                                   "the file does not belong to this architecture")
         masks = {name: block_mask(shapes[name], kept) for name, kept in recipe["fit_channels"].items()}
-        the_split = Split(recipe["method"], recipe["rate"], recipe["seed"], masks, recipe["align"])
+        the_split = Split(recipe["method"], recipe["rate"], recipe["seed"], masks, recipe["align"],
+                          recipe.get("grouped", "narrow"))
     else:  # written before the fit channels were saved: made by the rate rule, which splitting again repeats
         the_split = make_split(dense, recipe["method"], recipe["rate"], example_inputs=example, seed=recipe["seed"])
     fit = slice_fit(dense, the_split, example_inputs=example)

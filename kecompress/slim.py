@@ -82,8 +82,8 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
 
 
 def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None, *,
-              seed: int | None = None) -> tuple[nn.Module, Split]:
-    """A network of the shape of ``model``'s KELS fit at ``rate`` (and ``align``), every layer
+              seed: int | None = None, grouped: str = "whole-groups") -> tuple[nn.Module, Split]:
+    """A network of the shape of ``model``'s KELS fit at ``rate`` (and ``align``, ``grouped``), every layer
     re-initialised its own default way (``reset_parameters``, from ``seed`` when given), and the
     split that gives that shape: the fit-sized network trained from scratch, the baseline a slim
     network must beat (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019), and on
@@ -95,7 +95,7 @@ def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None
         >>> slim[0].out_features, shaping.rate
         (8, 0.5)
     """
-    shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
+    shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align, grouped=grouped)
     slim = slice_fit(model, shaping, example_inputs=example_inputs)
     if seed is not None:
         torch.manual_seed(seed)
