@@ -38,7 +38,9 @@ from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, sett
 from .info import info_view, split_info
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
-from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, calibration_subset, quantize_pair
+from .node_kinds import CONV_KINDS
+from .quantize import (CALIBRATION_IMAGES, INT8_PAIR_FILES, LOSING_KINDS, MAX_ACCURACY_DROP, calibration_subset,
+                       check_keep_fp32, quantize_pair)
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .slim import slice_fit
@@ -242,7 +244,6 @@ def describe_split(the_split) -> str:
         'KELS split at rate 0.25 aligned to 8 channels, fit 50.6% of 178 split parameters (rate² 6.2%)'
     """
     aligned = f" aligned to {the_split.align} channels" if the_split.align != 1 else ""
-    aligned += " narrowing every group of grouped convolutions" if the_split.grouped == "narrow" else ""
     paper = f" (rate² {the_split.rate ** 2:.1%})" if the_split.method == "kels" else ""
     return (f"{the_split.method.upper()} split at rate {the_split.rate}{aligned}, fit {the_split.fit_fraction():.1%} "
             f"of {the_split.total_count():,} split parameters{paper}")
@@ -380,9 +381,13 @@ def _export_options(command):
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=MAX_ACCURACY_DROP,
               help="--int8 of a run: refuse when the INT8 fit loses more top-1 accuracy (points) on the run's "
                    "validation data")
+@click.option("--int8-keep-fp32", "keep_fp32", metavar="KIND,...", default=None,
+              help=f"--int8: the kinds of convolutions left in fp32 ({', '.join(CONV_KINDS)}; none), written however "
+                   f"fast [default: timed here; {', '.join(LOSING_KINDS)} are kept in fp32 one by one while INT8 runs "
+                   "slower than fp32, and an INT8 network that stays slower is not written]")
 @_model_options
 def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
-           calibration_images, max_accuracy_drop, split_method, rate, align, grouped, num_classes, image_size,
+           calibration_images, max_accuracy_drop, keep_fp32, split_method, rate, align, grouped, num_classes, image_size,
            trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
@@ -392,6 +397,10 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     _refuse_torchrun("export")
     if not onnx_format:
         raise KecompressError("choose an export format: pass --onnx")
+    if keep_fp32 is not None:
+        if not int8:
+            raise KecompressError("--int8-keep-fp32 chooses what INT8 leaves in fp32: pass --int8 too, or drop it")
+        keep_fp32 = check_keep_fp32(keep_fp32)
     out = out or (RunDirectory(source).onnx_dir if RunDirectory(source).is_run() else Path(RunDirectory.ONNX))
     if out.exists() and not out.is_dir():
         raise KecompressError(f"--out {out} is a file: pass a directory path")
@@ -406,15 +415,20 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     with staged_directory(out) as staging:  # every file appears only once all are written and checked
         rows = export_pair(dense, fit, staging, input_shape, batch_size, opset, dynamic_batch, exporter=exporter)
         quantized = quantize_pair(staging, calibration_subset(calibration, calibration_images), validation,
-                                  max_accuracy_drop) if int8 else None
+                                  max_accuracy_drop, keep_fp32) if int8 else None
     for row in rows:
         row["path"] = str(out / Path(row["path"]).name)
     console.print(export_table(rows))
     if quantized:
+        for name, speed in zip(INT8_PAIR_FILES, quantized.speeds):
+            if not speed.written:  # an INT8 file of an earlier export (--force) does not belong to these networks
+                (out / name).unlink(missing_ok=True)
+            console.print(speed.describe(name))
         files = ", ".join(f"{out / path.name} ({(out / path.name).stat().st_size / 2**20:.1f} MiB)"
-                          for path in quantized.paths)
+                          for path in quantized.paths) or "no INT8 file written"
         accuracy = (f"fit top-1 on {len(validation)} validation images: fp32 {quantized.fit_fp32_accuracy:.2%}, "
-                    f"INT8 {quantized.fit_int8_accuracy:.2%}" if validation is not None
+                    f"INT8 {quantized.fit_int8_accuracy:.2%}" if quantized.fit_fp32_accuracy is not None
+                    else "INT8 fit not written: its accuracy not checked" if validation is not None
                     else "no validation data: INT8 accuracy not checked (export a run directory to check it)")
         console.print(f"INT8 (QDQ, per-channel, calibrated on {min(calibration_images, len(calibration))} images): "
                       f"{files}; {accuracy}; {describe_cpu_flags(cpu_instruction_sets())}")

@@ -96,7 +96,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
-            run_dir.check_same_run(config)
+            run_dir.check_same_run(config, model)
         outputs = output_features(model, example_inputs)
         if outputs != len(classes):
             raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "

@@ -35,7 +35,7 @@ from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
 from .slim import fit_sized, slice_fit
-from .split import Split, block_mask, default_example_inputs, kept_indices, split as make_split
+from .split import Split, block_mask, default_example_inputs, has_grouped_convs, kept_indices, split as make_split
 
 # /2 records the fit channels of every parameter; /1 only the split's method, rate and seed (the rate rule).
 FIT_FORMAT, RATE_RULE_FIT_FORMAT = "kecompress-fit/2", "kecompress-fit/1"
@@ -108,10 +108,11 @@ class RunDirectory:
         """The split the run was made with."""
         return Split.load(self.split_file)
 
-    def check_same_run(self, config: RunConfig) -> None:
+    def check_same_run(self, config: RunConfig, model: nn.Module | None = None) -> None:
         """Refuse to continue this run with ``config`` unless it is the same run (one line naming
         what differs). A directory the Python API of an earlier version wrote has no
-        ``config.json``: its checkpoint's settings are compared instead.
+        ``config.json``: its checkpoint's settings are compared instead. Given the run's ``model``,
+        how grouped convolutions are cut is compared only where it has some.
 
         Example:
             >>> # RunDirectory("runs/a").check_same_run(config)
@@ -122,6 +123,8 @@ class RunDirectory:
             saved = self._config_in_checkpoint(config)
         else:
             return
+        if model is not None and not has_grouped_convs(model):  # the rule changed nothing: runs of before resume
+            config = replace(config, grouped=saved.grouped)
         config.check_same_run(saved, self.path)
 
     def _config_in_checkpoint(self, config: RunConfig) -> RunConfig:
@@ -215,7 +218,6 @@ class RunDirectory:
         data = Path(config.data).name if config.data else "the digits demo"
         forgetting = f", forgetting {describe(config.forget)}" if config.forget != {"name": "ke"} else ""
         aligned = f" aligned to {config.align} channels" if config.align != 1 else ""
-        aligned += " narrowing grouped convolutions" if config.grouped == "narrow" else ""
         return f"{Path(config.model).name}, {config.split.upper()} rate {config.rate}{aligned}{forgetting}, on {data}"
 
     # -- the end: the final dense and fit networks -------------------------------------------

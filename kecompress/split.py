@@ -588,6 +588,17 @@ def _conv_group_blocks(graph: tp.DependencyGraph, group, qkv_blocks: dict) -> in
     return max(blocks, 1)
 
 
+def has_grouped_convs(model: nn.Module) -> bool:
+    """Whether ``model`` has a grouped convolution that is not depthwise (whose cut ``grouped`` chooses).
+
+    Example:
+        >>> has_grouped_convs(nn.Conv2d(8, 8, 3, groups=2)), has_grouped_convs(nn.Conv2d(8, 8, 3, groups=8))
+        (True, False)
+    """
+    return any(isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module)
+               for module in model.modules())
+
+
 def _is_depthwise(module) -> bool:
     return isinstance(module, _CONV) and module.groups == module.out_channels and module.groups > 1
 
