@@ -392,7 +392,8 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
     SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
-    With --int8 also dense.int8.onnx and fit.int8.onnx; of a run, the INT8 fit's accuracy is checked first.
+    With --int8 also dense.int8.onnx and fit.int8.onnx, each only if it runs at least as fast as its fp32
+    network on this machine (timed here; see --int8-keep-fp32); of a run, the INT8 fit's accuracy is checked first.
     """
     _refuse_torchrun("export")
     if not onnx_format:
