@@ -36,6 +36,7 @@ fp32, one after the other, until INT8 is at least as fast; if it never is, no IN
 
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 import tempfile
@@ -150,6 +151,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
     batches = (images for images, _, _ in image_batches(calibration, batch_size))
     kinds = {CONV_KINDS[name] for name in check_keep_fp32(keep_fp32)}
     excluded = _classifier(fp32_path) + [node for node, kind in graph_node_kinds(fp32_path).items() if kind in kinds]
+    root = logging.getLogger()
+    root.addFilter(_not_pre_processing_advice)
     try:
         with atomic_path(int8_path) as temp:
             quantize_static(str(fp32_path), str(temp), _Batches(batches), nodes_to_exclude=excluded,
@@ -161,6 +164,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise KecompressError(f"INT8 quantisation of {fp32_path} failed ({error.__class__.__name__}: {first_line}); "
                               "calibrate with images of the network's input size") from None
+    finally:
+        root.removeFilter(_not_pre_processing_advice)
     return int8_path
 
 
@@ -279,6 +284,12 @@ def quantize_no_slower(fp32_path: str | Path, int8_path: str | Path, calibration
         with atomic_path(int8_path) as temp:
             shutil.copyfile(best_path, temp)
     return best
+
+
+def _not_pre_processing_advice(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantiser advises quant_pre_process on every call; measured, it did not help here
+    # (module docstring), and the speed check quantises a network several times.
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 class _Batches(CalibrationDataReader):
