@@ -2,7 +2,7 @@
 
 onnxruntime's per-node profiler (``SessionOptions.enable_profiling``) times every node of the
 optimised graphs, dense and fit runs interleaved, and each node's median is kept. Nodes are
-grouped by kind (1x1, kxk, depthwise and grouped convolutions, squeeze-excitation, element-wise,
+grouped by kind (kecompress.node_kinds: 1x1, small 1x1, kxk, depthwise and grouped convolutions, squeeze-excitation, element-wise,
 pooling, concatenation, layout reorders, the classifier), and each kind's time ratio (dense /
 fit) is set beside its size ratio: MACs, or for work without MACs the output's elements. MACs
 are counted from the shapes onnxruntime ran, padding included: its blocked (NCHWc) kernels
