@@ -150,7 +150,9 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
     batch_size = _graph_batch_size(fp32_path)
     batches = (images for images, _, _ in image_batches(calibration, batch_size))
     kinds = {CONV_KINDS[name] for name in check_keep_fp32(keep_fp32)}
-    excluded = _classifier(fp32_path) + [node for node, kind in graph_node_kinds(fp32_path).items() if kind in kinds]
+    excluded = _classifier(fp32_path)
+    if kinds:
+        excluded += [node for node, kind in graph_node_kinds(fp32_path).items() if kind in kinds]
     root = logging.getLogger()
     root.addFilter(_not_pre_processing_advice)
     try:
