@@ -2,7 +2,7 @@
 
 onnxruntime's per-node profiler (``SessionOptions.enable_profiling``) times every node of the
 optimised graphs, dense and fit runs interleaved, and each node's median is kept. Nodes are
-grouped by kind (1x1, kxk, depthwise and grouped convolutions, squeeze-excitation, element-wise,
+grouped by kind (kecompress.node_kinds: 1x1, small 1x1, kxk, depthwise and grouped convolutions, squeeze-excitation, element-wise,
 pooling, concatenation, layout reorders, the classifier), and each kind's time ratio (dense /
 fit) is set beside its size ratio: MACs, or for work without MACs the output's elements. MACs
 are counted from the shapes onnxruntime ran, padding included: its blocked (NCHWc) kernels
@@ -37,10 +37,9 @@ from common import at_least, machine, machine_line, markdown_table, run_script
 from kecompress.bench import count_macs_params, describe_cpu_flags
 from kecompress.export import INPUT_NAME, export_onnx
 from kecompress.models import build_model
+from kecompress.node_kinds import CONVS, kind_and_macs
 
 RATE, INPUT_SHAPE = 0.5, (3, 224, 224)
-CONVS = {"Conv", "FusedConv", "NchwcConv"}
-MATMULS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul"}
 
 
 def session(path: Path, threads: int, prefix: str) -> ort.InferenceSession:
@@ -57,42 +56,6 @@ def session(path: Path, threads: int, prefix: str) -> ort.InferenceSession:
 def shapes(described: list[dict]) -> list[list[int]]:
     """The shapes of a profile event's ``input_type_shape`` or ``output_type_shape``."""
     return [next(iter(entry.values())) for entry in described]
-
-
-def spatial_is_one(shape: list[int]) -> bool:
-    # NCHW or blocked NCHWc ([N, C / block, H, W, block]): height and width are at 2 and 3 either way.
-    return len(shape) >= 4 and shape[2] == shape[3] == 1
-
-
-def channels(shape: list[int]) -> int:
-    return shape[1] * (shape[4] if len(shape) == 5 else 1)
-
-
-def kind_and_macs(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> tuple[str, int | None]:
-    """The group a node falls in, and its MACs as run (None where MACs do not apply)."""
-    output = outputs[0] if outputs else []
-    if op in CONVS:
-        weight = inputs[1]
-        groups = channels(inputs[0]) // weight[1]
-        macs = math.prod(output) * math.prod(weight[1:])
-        if spatial_is_one(output):
-            return "squeeze-excitation", macs
-        if weight[1] == 1 and groups > 1:
-            return "depthwise conv", macs
-        if groups > 1:
-            return "grouped conv", macs
-        return ("1x1 conv" if weight[2:] == [1, 1] else "kxk conv"), macs
-    if op in MATMULS:
-        return "classifier", math.prod(inputs[0]) * output[-1]
-    if op.startswith("Reorder"):
-        return "layout reorder", None
-    if "Pool" in op or op.startswith("Reduce"):
-        return "pooling", None
-    if spatial_is_one(output) or (op == "Mul" and any(spatial_is_one(shape) for shape in inputs)):
-        return "squeeze-excitation", None  # its gate: activations on pooled channels, and the scaling Mul
-    if op == "Concat":
-        return "concat", None
-    return ("batchnorm" if op == "BatchNormalization" else "element-wise"), None
 
 
 def node_times(profile: Path) -> dict[str, dict]:

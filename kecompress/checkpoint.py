@@ -70,7 +70,7 @@ def restore(loop: "Evolution", run_dir: RunDirectory) -> bool:
 
 
 def _read_and_check(loop: "Evolution", run_dir: RunDirectory) -> dict | None:
-    run_dir.check_same_run(loop.run_config)
+    run_dir.check_same_run(loop.run_config, loop.model)
     state = run_dir.read_checkpoint()
     if state is None:
         return None

@@ -40,13 +40,15 @@ from .forgetting import STRATEGIES, ShrinkPerturb, describe, from_settings, sett
 from .info import info_view, split_info
 from .interrupt import RunInterrupted
 from .models import output_features, resolve_model
-from .quantize import CALIBRATION_IMAGES, INT8_PAIR_FILES, MAX_ACCURACY_DROP, calibration_subset, quantize_pair
+from .node_kinds import CONV_KINDS
+from .quantize import (CALIBRATION_IMAGES, INT8_PAIR_FILES, LOSING_KINDS, MAX_ACCURACY_DROP, calibration_subset,
+                       check_keep_fp32, quantize_pair)
 from .report import RichProgress, finetune_line, generations_table
 from .rundir import RunDirectory, load_fit
 from .runfile import evolve_defaults, read_run_file, run_file_text
 from .shape import SELECTIONS, WIDTHS, learned_split
 from .slim import fit_network, slice_fit
-from .split import METHODS, split as make_split
+from .split import GROUPED, METHODS, split as make_split
 from .weights import WeightsNote
 
 console = Console()
@@ -59,6 +61,8 @@ RATE = click.FloatRange(0, 1, min_open=True)
 ALIGN = click.IntRange(min=1)
 ALIGN_HELP = ("KELS: every coupled group of channels keeps a multiple of N (its count rounded up; e.g. 8 or 16, "
               "the block widths fast kernels compute in); 1: the paper's rule")
+GROUPED_HELP = ("KELS: how a grouped convolution (ResNeXt, RegNet) is cut: whole-groups keeps a rate share of its "
+                "groups at full width (runs fast), narrow keeps a rate share of every group (the paper's rule)")
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 IMAGE_SIZE = click.IntRange(min=8)
 UNIT = click.FloatRange(0, 1)
@@ -77,6 +81,8 @@ def app():
                    "found by learned scores, one generation) or edge-popup-kels (its channels, a slim network)")
 @click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1]")
 @click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP)
+@click.option("--grouped", type=click.Choice(GROUPED), default=None,
+              help=GROUPED_HELP + " [default: whole-groups; with --resume, the run's own]")
 @click.option("--generations", type=POSITIVE, default=5, help="number of generations")
 @click.option("--epochs", type=POSITIVE, default=10, help="epochs per generation")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -181,7 +187,8 @@ def app():
 @click.option("--print-config", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="write the run's settings to FILE (TOML if named .toml, JSON otherwise) or, without FILE, as "
                    "TOML to stdout, and stop without running; --config FILE repeats the run")
-def evolve(model, split_method, rate, align, generations, epochs, data, num_classes, image_size, val_fraction, augment,
+def evolve(model, split_method, rate, align, grouped, generations, epochs, data, num_classes, image_size, val_fraction,
+           augment,
            crop_scale, workers,
            batch_size, lr, weight_decay, warmup_epochs, label_smoothing, seed, out, resume, target_accuracy,
            fit_batchnorm, forget, forget_from, shrink, perturb, distill_fit, distill_temperature, distill_weight,
@@ -227,8 +234,10 @@ def evolve(model, split_method, rate, align, generations, epochs, data, num_clas
         callbacks = [TensorBoard(tensorboard)] if tensorboard and distributed.is_main() else []
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start,
                                        distill_ramp) if distill_fit else None
+        if grouped is None:  # a run made before --grouped existed narrowed its groups: it resumes as it was made
+            grouped = RunDirectory(out).read_config().grouped if resume and RunDirectory(out).is_run() else "whole-groups"
     config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
-                       split=split_method, rate=rate, align=align, seed=seed,
+                       split=split_method, rate=rate, align=align, grouped=grouped, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
                        val_fraction=val_fraction, batch_size=batch_size, label_smoothing=label_smoothing,
                        augment=(augment or default_augmentation(image_size or FOLDER_IMAGE_SIZE)) if data else None,
@@ -425,7 +434,8 @@ def _short_names(paths: tuple[Path, ...]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_classes, image_size, trust_model_file):
+def _dense_and_fit(source: str, split_method: str, rate: float, align: int, grouped: str, num_classes, image_size,
+                   trust_model_file):
     """The dense network, its slim fit, the input shape and the split: from a finished run or an untrained model."""
     run_dir = RunDirectory(source)
     if run_dir.is_run():
@@ -444,7 +454,7 @@ def _dense_and_fit(source: str, split_method: str, rate: float, align: int, num_
     input_shape = (3, size, size)
     example = torch.zeros(1, *input_shape)
     output_features(dense, example)  # a clear error when the model does not take this input
-    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align)
+    the_split = make_split(dense, split_method, rate, example_inputs=example, align=align, grouped=grouped)
     return dense, slice_fit(dense, the_split, example_inputs=example), input_shape, the_split
 
 
@@ -455,6 +465,8 @@ def _model_options(command):
                      help="split of an untrained model (a run directory has its own)"),
         click.option("--rate", type=RATE, default=0.5, help="split rate in (0, 1] of an untrained model"),
         click.option("--align", type=ALIGN, default=1, metavar="N", help=ALIGN_HELP + " (an untrained model)"),
+        click.option("--grouped", type=click.Choice(GROUPED), default="whole-groups",
+                     help=GROUPED_HELP + " (an untrained model)"),
         click.option("--num-classes", type=POSITIVE, default=None,
                      help="outputs of an architecture built by name [default: 1000]"),
         click.option("--input-size", "image_size", type=IMAGE_SIZE, default=None,
@@ -496,18 +508,27 @@ def _export_options(command):
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=MAX_ACCURACY_DROP,
               help="--int8 of a run: refuse when the INT8 fit loses more top-1 accuracy (points) on the run's "
                    "validation data")
+@click.option("--int8-keep-fp32", "keep_fp32", metavar="KIND,...", default=None,
+              help=f"--int8: the kinds of convolutions left in fp32 ({', '.join(CONV_KINDS)}; none), written however "
+                   f"fast [default: timed here; {', '.join(LOSING_KINDS)} are kept in fp32 one by one while INT8 runs "
+                   "slower than fp32, and an INT8 network that stays slower is not written]")
 @_model_options
 def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
-           calibration_images, max_accuracy_drop, split_method, rate, align, num_classes, image_size,
+           calibration_images, max_accuracy_drop, keep_fp32, split_method, rate, align, grouped, num_classes, image_size,
            trust_model_file):
     """Export the dense and the fit network of SOURCE to ONNX and check both in onnxruntime.
 
     SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
-    With --int8 also dense.int8.onnx and fit.int8.onnx; of a run, the INT8 fit's accuracy is checked first.
+    With --int8 also dense.int8.onnx and fit.int8.onnx, each only if it runs at least as fast as its fp32
+    network on this machine (timed here; see --int8-keep-fp32); of a run, the INT8 fit's accuracy is checked first.
     """
     _refuse_torchrun("export")
     if not onnx_format:
         raise KecompressError("choose an export format: pass --onnx")
+    if keep_fp32 is not None:
+        if not int8:
+            raise KecompressError("--int8-keep-fp32 chooses what INT8 leaves in fp32: pass --int8 too, or drop it")
+        keep_fp32 = check_keep_fp32(keep_fp32)
     out = out or (RunDirectory(source).onnx_dir if RunDirectory(source).is_run() else Path(RunDirectory.ONNX))
     if out.exists() and not out.is_dir():
         raise KecompressError(f"--out {out} is a file: pass a directory path")
@@ -515,22 +536,27 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     if existing and not force:
         raise KecompressError(f"{out} already holds {' and '.join(existing)}: pass --force to replace them, "
                               "or choose another --out")
-    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, grouped, num_classes, image_size,
                                                         trust_model_file)
     console.print(describe_split(the_split))
     calibration, validation = _int8_data(source, calibration_data, input_shape) if int8 else (None, None)
     with staged_directory(out) as staging:  # every file appears only once all are written and checked
         rows = export_pair(dense, fit, staging, input_shape, batch_size, opset, dynamic_batch, exporter=exporter)
         quantized = quantize_pair(staging, calibration_subset(calibration, calibration_images), validation,
-                                  max_accuracy_drop) if int8 else None
+                                  max_accuracy_drop, keep_fp32) if int8 else None
     for row in rows:
         row["path"] = str(out / Path(row["path"]).name)
     console.print(export_table(rows))
     if quantized:
+        for name, speed in zip(INT8_PAIR_FILES, quantized.speeds):
+            if not speed.written:  # an INT8 file of an earlier export (--force) does not belong to these networks
+                (out / name).unlink(missing_ok=True)
+            console.print(speed.describe(name))
         files = ", ".join(f"{out / path.name} ({(out / path.name).stat().st_size / 2**20:.1f} MiB)"
-                          for path in quantized.paths)
+                          for path in quantized.paths) or "no INT8 file written"
         accuracy = (f"fit top-1 on {len(validation)} validation images: fp32 {quantized.fit_fp32_accuracy:.2%}, "
-                    f"INT8 {quantized.fit_int8_accuracy:.2%}" if validation is not None
+                    f"INT8 {quantized.fit_int8_accuracy:.2%}" if quantized.fit_fp32_accuracy is not None
+                    else "INT8 fit not written: its accuracy not checked" if validation is not None
                     else "no validation data: INT8 accuracy not checked (export a run directory to check it)")
         console.print(f"INT8 (QDQ, per-channel, calibrated on {min(calibration_images, len(calibration))} images): "
                       f"{files}; {accuracy}; {describe_cpu_flags(cpu_instruction_sets())}")
@@ -573,7 +599,7 @@ def _int8_data(source: str, calibration_data: Path | None, input_shape):
 @_export_options
 @_model_options
 def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, exporter, int8, calibration_data,
-          calibration_images, split_method, rate, align, num_classes, image_size, trust_model_file):
+          calibration_images, split_method, rate, align, grouped, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
     SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
@@ -581,7 +607,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
     also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
     """
     _refuse_torchrun("bench")
-    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, num_classes, image_size,
+    dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, grouped, num_classes, image_size,
                                                         trust_model_file)
     calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
@@ -602,7 +628,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
               help="how many per group, for an untrained model: uniform, or global to --fit-macs")
 @click.option("--fit-macs", type=FRACTION, default=None, metavar="F", help="--widths global: the fit's share of the MACs")
 @_model_options
-def info(source, as_json, select, widths, fit_macs, split_method, rate, align, num_classes, image_size,
+def info(source, as_json, select, widths, fit_macs, split_method, rate, align, grouped, num_classes, image_size,
          trust_model_file):
     """What a split does before any training: kept channels per layer, coupled groups, parameters and
     MACs dense vs fit, the fit fraction against rate²; for a run, also its configuration and last generation.
@@ -632,7 +658,8 @@ def info(source, as_json, select, widths, fit_macs, split_method, rate, align, n
             the_split = learned_split(dense, rate, select=select, widths=widths, fit_macs=fit_macs, align=align,
                                       example_inputs=torch.zeros(1, 3, size, size))
         else:
-            the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align)
+            the_split = make_split(dense, split_method, rate, example_inputs=torch.zeros(1, 3, size, size), align=align,
+                                   grouped=grouped)
         run = {}
     described = split_info(dense, the_split, (3, size, size), run)
     if as_json:

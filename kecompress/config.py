@@ -81,6 +81,7 @@ class RunConfig:
     split: str = "kels"
     rate: float = 0.5
     align: int = 1  # KELS: every coupled group keeps a multiple of this many channels
+    grouped: str = "whole-groups"  # KELS: a grouped conv keeps whole groups, or narrows every group (kecompress.split)
     seed: int = 0  # of the split, the data order and the resets
     data: str | None = None  # an ImageFolder directory; None: the bundled digits, or loaders from Python
     image_size: int | None = None
@@ -115,7 +116,7 @@ class RunConfig:
     _LEGACY = {"world_size": 1, "fit_batchnorm": "inherited", "metric": "accuracy", "loaders": "kecompress", "workers": 0,
                "forget": {"name": "ke"}, "align": 1, "fit_only": False, "select": "first", "select_after": 1,
                "widths": "uniform", "fit_macs": None, "sparsity": 0.0, "shape_epochs": 0, "shape_from": None,
-               "distill_from_run": None}
+               "distill_from_run": None, "grouped": "narrow"}
 
     @property
     def arch(self) -> str | None:

@@ -335,7 +335,7 @@ def edge_popup_channels(model: nn.Module, rate: float, example_inputs=None, alig
     qkv_blocks = qkv_heads(model)
     gates: dict[str, list] = {}  # parameter name -> its gates
     roots = []
-    for group, fit in kels_groups(graph, rate, align):
+    for group, fit in kels_groups(graph, rate, align, "narrow"):
         channels = len(group.items[0].idxs)
         blocks = _channel_blocks(graph, group, channels, qkv_blocks)
         root = group.items[0].dep.target.module
@@ -477,7 +477,7 @@ def learned_split(model: nn.Module, rate: float, seed: int = 0) -> Split:
         for name, param in model.named_parameters():
             if not name.endswith(("_scores", "_orig")) and name not in masks:
                 masks[name] = torch.ones(param.shape, dtype=torch.bool)
-    return Split("kels" if kernel_level else "wels", rate, seed, masks)
+    return Split("kels" if kernel_level else "wels", rate, seed, masks, grouped="narrow")
 
 
 def plain_network(model: nn.Module, keep_masked: bool = True) -> nn.Module:

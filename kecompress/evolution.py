@@ -162,7 +162,8 @@ class Evolution:
         self.forgetting = for_model(ResetHypothesis() if forgetting is None else forgetting, self.model)
         self.selection = selection
         self.run_config = run_config or RunConfig(
-            model=None, split=split.method, rate=split.rate, align=split.align, seed=split.seed, val_fraction=None,
+            model=None, split=split.method, rate=split.rate, align=split.align, grouped=split.grouped, seed=split.seed,
+            val_fraction=None,
             batch_size=getattr(train_loader, "batch_size", None), label_smoothing=None,
             fit_batchnorm=fit_batchnorm, forget=settings_of(self.forgetting), metric=metric_name,
             training=self.config, distill_fit=fit_distillation and fit_distillation.identity(),

@@ -106,13 +106,14 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
                 _fit_shape(config, model, selection, train_set, example_inputs, device)
             model = fit_shaped(model, shaping, example_inputs, seed=config.seed)
         elif config.fit_only:  # the network of the fit's shape, freshly initialised, is the run's model
-            model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed)
+            model, _ = fit_sized(model, config.rate, config.align, example_inputs, seed=config.seed,
+                                 grouped=config.grouped)
         if config.split in EDGE_POPUP_METHODS:  # frozen random weights; only the scores train
             apply_edge_popup(model, config.split, config.rate, example_inputs, config.align)
         forgetting = for_model(from_settings(config.forget), model)
         config = replace(config, forget=settings_of(forgetting))  # LLF's start named, default or not
         if resume and distributed.is_main():
-            run_dir.check_same_run(config)
+            run_dir.check_same_run(config, model)
         outputs = output_features(model, example_inputs)
         if outputs != len(classes):
             raise KecompressError(f"the model has {outputs} outputs but the data has {len(classes)} classes: "
@@ -131,7 +132,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
             return learned or run_dir.read_split()
         rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
         new_split = learned or make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
-                                          align=config.align)
+                                          align=config.align, grouped=config.grouped)
         if selection and not config.fit_only and selection.after == 0:  # from pretrained weights: chosen now
             new_split = selection.choose(model, new_split, example_inputs, _in_order(train_set, config),
                                          _loss(config))

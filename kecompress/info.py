@@ -58,6 +58,7 @@ class SplitInfo:
     select: str = "first"  # which channels: first, or by importance (kecompress.shape)
     widths: str = "uniform"  # how many per group: uniform, or global to a MAC budget
     uniform_fit_macs: int | None = None  # a learned split: the paper's uniform fit's MACs at the same rate and align
+    grouped: str = "whole-groups"  # a grouped convolution keeps whole groups, or narrows every group
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -92,7 +93,7 @@ def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run
         uniform_macs, _ = count_macs_params(slice_fit(model, uniform, example_inputs=example), input_shape)
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
                      split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align,
-                     split.select, split.widths, uniform_macs)
+                     split.select, split.widths, uniform_macs, split.grouped)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:
@@ -127,6 +128,10 @@ def info_view(info: SplitInfo, title: str):
              f"of the split's parameters (rate² = {info.rate ** 2:.1%})",
              f"parameters: dense {info.dense_parameters:,}, fit {info.fit_parameters:,} "
              f"({info.fit_parameters / info.dense_parameters:.1%})"]
+    if info.method == "kels":
+        lines += [f"grouped convolutions: {info.grouped} ("
+                  + ("a rate share of the groups, each at full width)" if info.grouped == "whole-groups"
+                     else "every group, each narrowed to a rate share of its width)")]
     if info.fit_macs is not None:
         lines += [f"MACs: dense {info.dense_macs:,}, fit {info.fit_macs:,} ({info.dense_macs / info.fit_macs:.2f}x fewer); "
                   f"{info.coupled_groups} coupled channel groups cut once each (the logits' stay whole)"]

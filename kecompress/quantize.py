@@ -26,14 +26,23 @@ the chosen INT8 networks is what ``kecompress bench --int8`` measures).
 
 On AVX2 CPUs without VNNI onnxruntime's uint8 x int8 kernels can saturate; the accuracy check of
 :func:`quantize_pair` is what catches a network that suffers from it.
+
+INT8 is not faster everywhere: the conversions around a quantised node cost more than INT8 saves
+on nodes with little work per pixel (depthwise convolutions, squeeze-excitation, small 1x1
+convolutions; ``benchmarks/latency_profile.py`` times the kinds). So :func:`quantize_no_slower`
+times the INT8 network against the fp32 one on the machine it runs on and keeps those kinds in
+fp32, one after the other, until INT8 is at least as fast; if it never is, no INT8 file is written.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import logging
+import shutil
+import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -43,13 +52,20 @@ from torch.utils.data import Dataset, Subset
 
 from .errors import KecompressError
 from .export import INPUT_NAME, PAIR_FILES, onnx_session
-from .files import atomic_path
+from .files import atomic_path, staged_directory
+from .node_kinds import CONV_KINDS, graph_node_kinds
 
 CALIBRATION_IMAGES = 256
 MAX_ACCURACY_DROP = 1.0  # points of top-1 accuracy the INT8 fit may lose against the fp32 fit
 INT8_SETTINGS = {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
                  "weight_type": QuantType.QInt8}
 _DYNAMIC_BATCH = 16  # calibration and evaluation batch of a graph whose batch dimension is free
+# The kinds of convolutions kept in fp32, in this order, while the INT8 network runs slower than the
+# fp32 one (names of kecompress.node_kinds.CONV_KINDS).
+LOSING_KINDS = ("depthwise", "squeeze-excitation", "small-1x1")
+# Each candidate INT8 network and the fp32 one are timed, interleaved, for about this long: at small
+# inputs hundreds of runs, enough for medians that rank them; 1 thread, as a deployment's worst case.
+SPEED_CHECK_SECONDS = 0.3
 
 
 def int8_file_name(file_name: str) -> str:
@@ -82,7 +98,27 @@ def calibration_subset(dataset: Dataset, images: int = CALIBRATION_IMAGES, seed:
     return Subset(dataset, sorted(order[:images].tolist()))
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dataset) -> Path:
+def check_keep_fp32(kinds) -> tuple[str, ...]:
+    """The kinds of convolutions to keep in fp32, from ``"depthwise,small-1x1"`` (or a list), checked
+    against :data:`~kecompress.node_kinds.CONV_KINDS`; ``"none"`` or ``""`` quantises every kind.
+
+    Example:
+        >>> check_keep_fp32("depthwise, squeeze-excitation")
+        ('depthwise', 'squeeze-excitation')
+        >>> check_keep_fp32("none")
+        ()
+    """
+    names = kinds.split(",") if isinstance(kinds, str) else list(kinds)
+    names = [str(name).strip() for name in names if str(name).strip() not in ("", "none")]
+    unknown = [name for name in names if name not in CONV_KINDS]
+    if unknown:
+        raise KecompressError(f"unknown kind of convolution {unknown[0]!r} to keep in fp32: choose from "
+                              f"{', '.join(CONV_KINDS)} (comma-separated), or none")
+    return tuple(dict.fromkeys(names))
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dataset,
+                  keep_fp32: Sequence[str] = ()) -> Path:
     """Write the static INT8 version of ``fp32_path`` to ``int8_path``, calibrated on every item of
     ``calibration`` (see :func:`calibration_subset` to bound it), atomically, and check that
     onnxruntime loads it.
@@ -91,6 +127,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
         fp32_path: an ONNX file written by :func:`kecompress.export.export_onnx`.
         int8_path: where to write the INT8 file.
         calibration: a data set of ``(image, label)`` items shaped like the graph's input.
+        keep_fp32: kinds of convolutions left in fp32 (:func:`check_keep_fp32`); the classifier always is.
 
     Returns:
         ``int8_path``.
@@ -112,9 +149,15 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     batch_size = _graph_batch_size(fp32_path)
     batches = (images for images, _, _ in image_batches(calibration, batch_size))
+    kinds = {CONV_KINDS[name] for name in check_keep_fp32(keep_fp32)}
+    excluded = _classifier(fp32_path)
+    if kinds:
+        excluded += [node for node, kind in graph_node_kinds(fp32_path).items() if kind in kinds]
+    root = logging.getLogger()
+    root.addFilter(_not_pre_processing_advice)
     try:
         with atomic_path(int8_path) as temp:
-            quantize_static(str(fp32_path), str(temp), _Batches(batches), nodes_to_exclude=_classifier(fp32_path),
+            quantize_static(str(fp32_path), str(temp), _Batches(batches), nodes_to_exclude=excluded,
                             **INT8_SETTINGS)
             onnx_session(temp)
     except KecompressError:
@@ -123,7 +166,132 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Dat
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise KecompressError(f"INT8 quantisation of {fp32_path} failed ({error.__class__.__name__}: {first_line}); "
                               "calibrate with images of the network's input size") from None
+    finally:
+        root.removeFilter(_not_pre_processing_advice)
     return int8_path
+
+
+@dataclass(frozen=True)
+class Int8Speed:
+    """How fast an INT8 network ran against its fp32 network (median ms, interleaved), which kinds
+    of convolutions it keeps in fp32, and whether its file was written."""
+
+    kept_fp32: tuple[str, ...]
+    fp32_ms: float
+    int8_ms: float
+    written: bool
+
+    @property
+    def speedup(self) -> float:
+        """fp32 time over INT8 time: at least 1 for a written file (unless the user chose its kinds).
+
+        Example:
+            >>> Int8Speed((), 2.0, 1.0, True).speedup
+            2.0
+        """
+        return self.fp32_ms / self.int8_ms
+
+    def describe(self, name: str) -> str:
+        """One line on the INT8 file ``name``.
+
+        Example:
+            >>> Int8Speed(("depthwise",), 2.0, 1.6, True).describe("fit.int8.onnx")
+            'fit.int8.onnx: 1.25x the fp32 speed (onnxruntime, 1 thread), depthwise convolutions kept in fp32'
+        """
+        kept = f"{', '.join(self.kept_fp32)} convolutions kept in fp32" if self.kept_fp32 else "every kind quantised"
+        timed = "onnxruntime, 1 thread"
+        if self.written:
+            return f"{name}: {self.speedup:.2f}x the fp32 speed ({timed}), {kept}"
+        return (f"{name} not written: INT8 ran at {self.speedup:.2f}x the fp32 speed on this CPU ({self.int8_ms:.3f} "
+                f"against {self.fp32_ms:.3f} ms, {timed}) at best, with {kept}; deploy the fp32 file, or choose the kinds "
+                "to keep in fp32 with --int8-keep-fp32")
+
+
+def time_fp32_int8(fp32_path: str | Path, int8_path: str | Path, images: np.ndarray,
+                   seconds: float = SPEED_CHECK_SECONDS) -> tuple[float, float]:
+    """Median milliseconds of the fp32 and the INT8 network on ``images`` in onnxruntime (1 thread,
+    the thread's CPU time), interleaved as ``kecompress bench`` times them, for about ``seconds``.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn
+        >>> from kecompress.export import export_onnx
+        >>> path = export_onnx(nn.Conv2d(3, 4, 3), os.path.join(tempfile.mkdtemp(), "c.onnx"), input_shape=(3, 8, 8))
+        >>> [ms > 0 for ms in time_fp32_int8(path, path, np.zeros((1, 3, 8, 8), np.float32), seconds=0.01)]
+        [True, True]
+    """
+    from .bench import _TIMING_CONFIG, time_interleaved  # bench imports this module
+
+    sessions = [onnx_session(path, threads=1, config=_TIMING_CONFIG) for path in (fp32_path, int8_path)]
+    runs = [lambda session=session: session.run(None, {INPUT_NAME: images}) for session in sessions]
+    # At 1 thread onnxruntime runs the network on the calling thread: its CPU time leaves out the
+    # time other processes take the core away, which the wall clock would count against either side.
+    first = time_interleaved(runs, warmup=2, runs=3, clock="thread")
+    pair_ms = sum(statistics.median(times) for times in first)
+    times = time_interleaved(runs, warmup=0, runs=max(5, int(seconds * 1e3 / max(pair_ms, 1e-3))), clock="thread")
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def quantize_no_slower(fp32_path: str | Path, int8_path: str | Path, calibration: Dataset,
+                       keep_fp32: Sequence[str] | None = None,
+                       timer: Callable[[Path, Path, np.ndarray], tuple[float, float]] | None = None) -> Int8Speed:
+    """Quantise ``fp32_path`` to ``int8_path`` (:func:`quantize_int8`) so that it runs at least as fast.
+
+    The INT8 network is timed against the fp32 one (``timer``, default :func:`time_fp32_int8`,
+    on the first calibration batch). While it is slower, the kinds of :data:`LOSING_KINDS` that the
+    graph has are kept in fp32 one at a time, each kept only if it made INT8 faster; the fastest
+    candidate is written if it is at least as fast as fp32, else nothing is. ``keep_fp32`` (kinds,
+    see :func:`check_keep_fp32`) overrides the search: those kinds stay fp32 and the file is written,
+    however fast.
+
+    Returns:
+        An :class:`Int8Speed`.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn
+        >>> from torch.utils.data import TensorDataset
+        >>> from kecompress.export import export_onnx
+        >>> directory = tempfile.mkdtemp()
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(288, 2))
+        >>> fp32 = export_onnx(model, os.path.join(directory, "m.onnx"), input_shape=(3, 10, 10))
+        >>> images = TensorDataset(torch.randn(4, 3, 10, 10), torch.zeros(4, dtype=torch.long))
+        >>> slower_unless_depthwise = lambda fp32, int8, x: (1.0, 0.9 if "depthwise" in str(int8) else 1.1)
+        >>> quantize_no_slower(fp32, os.path.join(directory, "m.int8.onnx"), images, timer=slower_unless_depthwise)
+        Int8Speed(kept_fp32=('depthwise',), fp32_ms=1.0, int8_ms=0.9, written=True)
+    """
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    timer = timer or time_fp32_int8
+    images = next(image_batches(calibration, _graph_batch_size(fp32_path)))[0]
+    present = set(graph_node_kinds(fp32_path).values())
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as directory:
+        def measured(kept: tuple[str, ...]) -> tuple[Int8Speed, Path]:
+            # the candidate's file is named by its kinds, which an injected timer may read
+            path = Path(directory) / f"{'+'.join(kept) or 'all'}.int8.onnx"
+            quantize_int8(fp32_path, path, calibration, kept)
+            return Int8Speed(kept, *timer(fp32_path, path, images), written=True), path
+
+        if keep_fp32 is not None:
+            best, best_path = measured(check_keep_fp32(keep_fp32))
+        else:
+            best, best_path = measured(())
+            for kind in LOSING_KINDS:
+                if best.int8_ms <= best.fp32_ms:
+                    break
+                if CONV_KINDS[kind] not in present:
+                    continue
+                candidate, path = measured(best.kept_fp32 + (kind,))
+                if candidate.int8_ms / candidate.fp32_ms < best.int8_ms / best.fp32_ms:
+                    best, best_path = candidate, path
+            if best.int8_ms > best.fp32_ms:
+                return Int8Speed(best.kept_fp32, best.fp32_ms, best.int8_ms, written=False)
+        with atomic_path(int8_path) as temp:
+            shutil.copyfile(best_path, temp)
+    return best
+
+
+def _not_pre_processing_advice(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantiser advises quant_pre_process on every call; measured, it did not help here
+    # (module docstring), and the speed check quantises a network several times.
+    return "pre-processing before quantization" not in record.getMessage()
 
 
 class _Batches(CalibrationDataReader):
@@ -180,12 +348,14 @@ def onnx_top1(path: str | Path, dataset: Dataset) -> float:
 
 @dataclass(frozen=True)
 class Int8Export:
-    """What :func:`quantize_pair` wrote and measured: the INT8 files, and the fit's top-1 accuracy
-    (fractions) in fp32 and INT8 when validation data were given (else None)."""
+    """What :func:`quantize_pair` wrote and measured: the INT8 files, the fit's top-1 accuracy
+    (fractions) in fp32 and INT8 when validation data were given and the INT8 fit was written (else
+    None), and the speed of each INT8 network against its fp32 one (dense, fit)."""
 
     paths: list[Path]
     fit_fp32_accuracy: float | None
     fit_int8_accuracy: float | None
+    speeds: tuple[Int8Speed, ...] = ()
 
     @property
     def accuracy_drop_points(self) -> float | None:
@@ -201,19 +371,23 @@ class Int8Export:
 
 
 def quantize_pair(directory: str | Path, calibration: Dataset, validation: Dataset | None = None,
-                  max_accuracy_drop: float = MAX_ACCURACY_DROP) -> Int8Export:
-    """Quantise ``directory``'s dense.onnx and fit.onnx to dense.int8.onnx and fit.int8.onnx.
+                  max_accuracy_drop: float = MAX_ACCURACY_DROP, keep_fp32: Sequence[str] | None = None,
+                  timer: Callable[[Path, Path, np.ndarray], tuple[float, float]] | None = None) -> Int8Export:
+    """Quantise ``directory``'s dense.onnx and fit.onnx to dense.int8.onnx and fit.int8.onnx, each
+    no slower than its fp32 network (:func:`quantize_no_slower`: an INT8 network that stays slower
+    is not written, and a stale INT8 file of that name is removed).
 
     Both are written to temporary files first. With ``validation`` data, the fp32 and INT8 fit
     are evaluated on it in onnxruntime, and when INT8 loses more than ``max_accuracy_drop``
     points of top-1 accuracy nothing is written and the reason is raised; else, and without
-    validation data, both files are moved into place.
+    validation data, the files are moved into place.
 
     Args:
         directory: where :func:`kecompress.export.export_pair` wrote the fp32 files.
         calibration: the calibration images (e.g. :func:`calibration_subset` of the training set).
         validation: held-out ``(image, label)`` items for the accuracy check, or None to skip it.
         max_accuracy_drop: the most points of top-1 accuracy the INT8 fit may lose.
+        keep_fp32, timer: as in :func:`quantize_no_slower`.
 
     Returns:
         An :class:`Int8Export`.
@@ -231,7 +405,7 @@ def quantize_pair(directory: str | Path, calibration: Dataset, validation: Datas
         >>> directory = tempfile.mkdtemp()
         >>> _ = export_pair(dense, fit, directory, input_shape=(3, 32, 32))
         >>> images = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
-        >>> [path.name for path in quantize_pair(directory, images).paths]
+        >>> [path.name for path in quantize_pair(directory, images, keep_fp32=()).paths]  # every kind quantised
         ['dense.int8.onnx', 'fit.int8.onnx']
     """
     directory = Path(directory)
@@ -240,20 +414,24 @@ def quantize_pair(directory: str | Path, calibration: Dataset, validation: Datas
     if missing:
         raise KecompressError(f"{directory} has no {' or '.join(missing)}: export the fp32 networks first "
                               "(kecompress.export.export_pair)")
-    paths = [directory / name for name in INT8_PAIR_FILES]
-    with ExitStack() as stack:  # the files appear only once both exist and the fit passed the check
-        temps = [stack.enter_context(atomic_path(path)) for path in paths]
-        for fp32_name, temp in zip(PAIR_FILES, temps):
-            quantize_int8(directory / fp32_name, temp, calibration)
-        if validation is None:
-            return Int8Export(paths, None, None)
-        result = Int8Export(paths, onnx_top1(directory / PAIR_FILES[1], validation), onnx_top1(temps[1], validation))
-        if result.accuracy_drop_points > max_accuracy_drop:
+    with staged_directory(directory) as staging:  # the files appear only once all exist and the fit passed the check
+        speeds = tuple(quantize_no_slower(directory / fp32_name, staging / int8_name, calibration, keep_fp32, timer)
+                       for fp32_name, int8_name in zip(PAIR_FILES, INT8_PAIR_FILES))
+        paths = [directory / name for name, speed in zip(INT8_PAIR_FILES, speeds) if speed.written]
+        if validation is None or not speeds[1].written:
+            result = Int8Export(paths, None, None, speeds)
+        else:
+            result = Int8Export(paths, onnx_top1(directory / PAIR_FILES[1], validation),
+                                onnx_top1(staging / INT8_PAIR_FILES[1], validation), speeds)
+        if result.fit_fp32_accuracy is not None and result.accuracy_drop_points > max_accuracy_drop:
             raise KecompressError(
                 f"the INT8 fit loses {result.accuracy_drop_points:.2f} points of top-1 accuracy on {len(validation)} "
                 f"validation images (fp32 {result.fit_fp32_accuracy:.2%}, INT8 {result.fit_int8_accuracy:.2%}), "
                 f"more than the {max_accuracy_drop:g} allowed: no INT8 file written; calibrate on more images "
                 "or allow more (--max-accuracy-drop)")
+    for name, speed in zip(INT8_PAIR_FILES, speeds):
+        if not speed.written:  # an INT8 file of an earlier export would stand beside fp32 files it does not match
+            (directory / name).unlink(missing_ok=True)
     return result
 
 

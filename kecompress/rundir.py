@@ -36,7 +36,7 @@ from .forgetting import describe
 from .models import build_model, load_model_file
 from .records import FinetuneRecord, GenerationRecord, metric_of
 from .slim import fit_shaped, fit_sized, slice_fit
-from .split import Split, block_mask, default_example_inputs, kept_indices, split as make_split
+from .split import Split, block_mask, default_example_inputs, has_grouped_convs, kept_indices, split as make_split
 
 # /2 records the fit channels of every parameter; /1 only the split's method, rate and seed (the rate rule).
 FIT_FORMAT, RATE_RULE_FIT_FORMAT = "kecompress-fit/2", "kecompress-fit/1"
@@ -123,10 +123,11 @@ class RunDirectory:
         """The split that gives a fit-only run its shape, when it was learned or borrowed; None for the rate rule."""
         return Split.load(self.shape_file) if self.shape_file.is_file() else None
 
-    def check_same_run(self, config: RunConfig) -> None:
+    def check_same_run(self, config: RunConfig, model: nn.Module | None = None) -> None:
         """Refuse to continue this run with ``config`` unless it is the same run (one line naming
         what differs). A directory the Python API of an earlier version wrote has no
-        ``config.json``: its checkpoint's settings are compared instead.
+        ``config.json``: its checkpoint's settings are compared instead. Given the run's ``model``,
+        how grouped convolutions are cut is compared only where it has some.
 
         Example:
             >>> # RunDirectory("runs/a").check_same_run(config)
@@ -137,6 +138,8 @@ class RunDirectory:
             saved = self._config_in_checkpoint(config)
         else:
             return
+        if model is not None and not has_grouped_convs(model):  # the rule changed nothing: runs of before resume
+            config = replace(config, grouped=saved.grouped)
         config.check_same_run(saved, self.path)
 
     def _config_in_checkpoint(self, config: RunConfig) -> RunConfig:
@@ -144,6 +147,7 @@ class RunDirectory:
         split = state.get("split") or {}
         training = {key: value for key, value in state.get("config", {}).items() if key != "target"}
         return replace(config, split=split.get("method"), rate=split.get("rate"), seed=split.get("seed"), align=1,
+                       grouped="narrow",
                        training=TrainingConfig(**training), world_size=state.get("world_size", 1),
                        forget={"name": "ke"})  # the one strategy of the versions that wrote such directories
 
@@ -254,7 +258,8 @@ class RunDirectory:
         save_torch(model.state_dict(), self.dense_file)
         if config.fit_only:  # the fit's channels as the source architecture numbers them, so load_fit rebuilds it
             split = self.read_shape() or make_split(self.build_source(config), "kels", config.rate,
-                                                    example_inputs=torch.zeros(1, *input_shape), align=config.align)
+                                                    example_inputs=torch.zeros(1, *input_shape), align=config.align,
+                                                    grouped=config.grouped)
         if split.method == "kels":
             save_fit(self.fit_file, fit, config, split, input_shape)
 
@@ -274,7 +279,7 @@ class RunDirectory:
         shaping = self.read_shape()
         if shaping is not None:
             return fit_shaped(source, shaping, example)
-        return fit_sized(source, config.rate, config.align, example)[0]
+        return fit_sized(source, config.rate, config.align, example, grouped=config.grouped)[0]
 
     def build_source(self, config: RunConfig, trust_file: bool = False) -> nn.Module:
         """The architecture the run started from (its name, or the model file it copied), freshly initialised.
@@ -343,7 +348,7 @@ def save_fit(path: Path, fit: nn.Module, config: RunConfig, split: Split, input_
     # The kept indices along each dimension: a KELS mask is their block, and they take far less room.
     fit_channels = {name: kept_indices(mask) for name, mask in split.masks.items()}
     recipe = {"format": FIT_FORMAT, "arch": config.arch, "num_classes": config.num_classes,
-              "method": split.method, "rate": split.rate, "seed": split.seed, "align": split.align,
+              "method": split.method, "rate": split.rate, "seed": split.seed, "align": split.align, "grouped": split.grouped,
               "fit_channels": fit_channels, "input_shape": list(input_shape), "state_dict": fit.state_dict()}
     save_torch(recipe, path)
 
@@ -379,7 +384,8 @@ def load_fit(path: str | Path, dense: nn.Module | None = None) -> nn.Module:
             raise KecompressError(f"the fit channels in {path} do not name this model's parameters: "
                                   "the file does not belong to this architecture")
         masks = {name: block_mask(shapes[name], kept) for name, kept in recipe["fit_channels"].items()}
-        the_split = Split(recipe["method"], recipe["rate"], recipe["seed"], masks, recipe["align"])
+        the_split = Split(recipe["method"], recipe["rate"], recipe["seed"], masks, recipe["align"],
+                          recipe.get("grouped", "narrow"))
     else:  # written before the fit channels were saved: made by the rate rule, which splitting again repeats
         the_split = make_split(dense, recipe["method"], recipe["rate"], example_inputs=example, seed=recipe["seed"])
     fit = slice_fit(dense, the_split, example_inputs=example)

@@ -115,19 +115,22 @@ def learned_split(model: nn.Module, rate: float = 0.5, *, select: str = "magnitu
         return make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
     graph = trace_dependency_graph(model, example_inputs)
     qkv_blocks = qkv_heads(model)
-    groups = [_Group(graph, group, uniform, align, qkv_blocks) for group, uniform in kels_groups(graph, rate, align)]
+    groups = [_Group(graph, group, uniform, align, qkv_blocks) for group, uniform in
+              kels_groups(graph, rate, align, "narrow")]
     with _gradients(model, select, batches, loss_fn):
         for group in groups:
             group.score(select)
     if widths == "uniform":
         kept = [(group.group, group.keep_per_block(len(group.uniform) // group.blocks)) for group in groups]
-        return Split("kels", rate, masks=masks_of_groups(model, graph, kept), align=align, select=select)
+        return Split("kels", rate, masks=masks_of_groups(model, graph, kept), align=align, select=select,
+                     grouped="narrow")
     dense_macs = count_macs_params(model, tuple(example_inputs.shape[1:]))[0]
     if fit_macs is None:
         uniform = masks_of_groups(model, graph, [(group.group, group.uniform) for group in groups])
         fit_macs = _macs_share(model, Split("kels", rate, masks=uniform, align=align), example_inputs, dense_macs)
     masks = _global_masks(model, graph, groups, fit_macs, dense_macs, align, example_inputs, rate)
-    return Split("kels", rate, masks=masks, align=align, select=select, widths="global", fit_macs=fit_macs)
+    return Split("kels", rate, masks=masks, align=align, select=select, widths="global", fit_macs=fit_macs,
+                 grouped="narrow")
 
 
 class _Group:

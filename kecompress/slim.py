@@ -17,7 +17,8 @@ from .edge_popup import EDGE_POPUP_METHODS, found_network
 from .errors import KecompressError
 from .evaluation import eval_mode
 from .seeds import batchnorm_seed, rank_seed, seed_loader
-from .split import Split, default_example_inputs, groups_from_masks, kept_indices, split as make_split, trace_dependency_graph
+from .split import (_CONV, Split, _is_depthwise, default_example_inputs, groups_from_masks, kept_indices,
+                    split as make_split, trace_dependency_graph)
 
 
 def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
@@ -74,6 +75,7 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
             for group, kept in groups_from_masks(graph, split.masks)]
     for root, reset in cuts:
         graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
+    _keep_whole_groups(model, fit, split)
     resize_heads(fit)
     _check_cut_matches_masks(model, fit, split)
     _check_cut_runs(fit, example_inputs)
@@ -81,8 +83,8 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
 
 
 def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None, *,
-              seed: int | None = None) -> tuple[nn.Module, Split]:
-    """A network of the shape of ``model``'s KELS fit at ``rate`` (and ``align``), every layer
+              seed: int | None = None, grouped: str = "whole-groups") -> tuple[nn.Module, Split]:
+    """A network of the shape of ``model``'s KELS fit at ``rate`` (and ``align``, ``grouped``), every layer
     re-initialised its own default way (``reset_parameters``, from ``seed`` when given), and the
     split that gives that shape: the fit-sized network trained from scratch, the baseline a slim
     network must beat (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019), and on
@@ -94,7 +96,7 @@ def fit_sized(model: nn.Module, rate: float, align: int = 1, example_inputs=None
         >>> slim[0].out_features, shaping.rate
         (8, 0.5)
     """
-    shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align)
+    shaping = make_split(model, "kels", rate, example_inputs=example_inputs, align=align, grouped=grouped)
     return fit_shaped(model, shaping, example_inputs, seed=seed), shaping
 
 
@@ -117,6 +119,33 @@ def fit_shaped(model: nn.Module, shaping: Split, example_inputs=None, *, seed: i
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return slim
+
+
+def _keep_whole_groups(model: nn.Module, fit: nn.Module, split: Split) -> None:
+    """Cut the grouped convolutions whose masks keep whole groups down to those groups.
+
+    torch-pruning cuts a grouped convolution as if every group kept the same positions (its
+    input side keeps the first positions of one group): right for narrowed groups, wrong for
+    whole ones, so these layers are cut again from the dense layer, with fewer groups.
+    """
+    cut = dict(fit.named_modules())
+    for name, conv in model.named_modules():
+        if not isinstance(conv, _CONV) or conv.groups == 1 or _is_depthwise(conv):
+            continue
+        mask = split.masks[f"{name}.weight"]
+        kept = mask.reshape(conv.groups, -1).any(dim=1).nonzero().flatten().tolist()
+        if len(kept) == conv.groups:
+            continue  # every group kept, whole or narrowed alike: torch-pruning's cut is right
+        # dim 0 of a grouped weight holds its groups one after the other, conv or transposed alike
+        rows, outputs = mask.shape[0] // conv.groups, conv.out_channels // conv.groups
+        layer = cut[name]
+        with torch.no_grad():
+            layer.weight = nn.Parameter(torch.cat([conv.weight[g * rows:(g + 1) * rows] for g in kept]))
+            if conv.bias is not None:
+                layer.bias = nn.Parameter(torch.cat([conv.bias[g * outputs:(g + 1) * outputs] for g in kept]))
+        layer.in_channels = len(kept) * conv.in_channels // conv.groups
+        layer.out_channels = len(kept) * outputs
+        layer.groups = len(kept)
 
 
 def _check_cut_runs(fit: nn.Module, example_inputs) -> None:

@@ -9,7 +9,9 @@ A split maps every parameter it touches to a bool mask of the same shape, True m
   coupled (residual adds, concatenations, depthwise and grouped convolutions, flatten into a
   linear layer, the heads of timm's attention) are decided once per coupled group of
   torch-pruning's dependency graph; with ``align=N`` every group keeps a multiple of N channels
-  (the block widths fast kernels use).
+  (the block widths fast kernels use). A grouped convolution keeps whole groups by default
+  (``grouped="whole-groups"``: a ``rate`` share of its groups at full group width, which runs fast)
+  or the same narrower share of every group (``"narrow"``, the layout of splits made before).
 * WELS, weight-level: every conv and linear weight is in the fit with probability ``rate``.
   The fit is sparse, not slim: dense runtimes do not run it any faster.
 """
@@ -29,6 +31,8 @@ from .attention import check_attention_group, qkv_heads
 from .errors import KecompressError
 
 METHODS = ("kels", "wels")
+# How KELS cuts a grouped convolution: keep whole groups, or narrow every group alike.
+GROUPED = ("whole-groups", "narrow")
 
 _CONV = nn.modules.conv._ConvNd
 _NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
@@ -56,6 +60,7 @@ class Split:
         widths: KELS: how many: ``"uniform"`` (``rate`` of every group) or ``"global"`` (one
             ranking across all groups, to the MAC budget ``fit_macs``).
         fit_macs: the fit's share of the dense network's MACs a ``"global"`` split was made for.
+        grouped: KELS: how a grouped convolution is cut, ``"whole-groups"`` or ``"narrow"`` (:data:`GROUPED`).
 
     Example:
         >>> import torchvision
@@ -75,6 +80,7 @@ class Split:
     select: str = "first"
     widths: str = "uniform"
     fit_macs: float | None = None
+    grouped: str = "whole-groups"
 
     def fit_count(self) -> int:
         """Number of parameter entries in the fit hypothesis.
@@ -145,22 +151,27 @@ class Split:
             'wels'
         """
         return {"method": self.method, "rate": self.rate, "seed": self.seed, "align": self.align,
-                "select": self.select, "widths": self.widths, "fit_macs": self.fit_macs, "masks": dict(self.masks)}
+                "select": self.select, "widths": self.widths, "fit_macs": self.fit_macs, "grouped": self.grouped,
+                "masks": dict(self.masks)}
 
     @classmethod
     def from_dict(cls, state: dict) -> "Split":
         """Rebuild a Split from :meth:`to_dict`'s output (a split saved before ``align``, ``select`` and
-        ``widths`` existed has the paper's rule: 1, first, uniform).
+        ``widths`` existed has the paper's rule: 1, first, uniform; one saved before ``grouped``
+        existed narrowed every group).
 
         Example:
             >>> Split.from_dict(Split("wels", 0.5).to_dict()).rate
             0.5
+            >>> Split.from_dict({"method": "kels", "rate": 0.5, "seed": 0, "masks": {}}).grouped
+            'narrow'
         """
         try:
             return cls(method=str(state["method"]), rate=float(state["rate"]), seed=int(state["seed"]),
                        masks={str(k): v.bool() for k, v in state["masks"].items()}, align=int(state.get("align", 1)),
                        select=str(state.get("select", "first")), widths=str(state.get("widths", "uniform")),
-                       fit_macs=None if state.get("fit_macs") is None else float(state["fit_macs"]))
+                       fit_macs=None if state.get("fit_macs") is None else float(state["fit_macs"]),
+                       grouped=str(state.get("grouped", "narrow")))
         except (KeyError, TypeError, AttributeError) as error:
             raise KecompressError(f"not a kecompress split ({error!r}): make one with kecompress.split") from None
 
@@ -223,7 +234,20 @@ def check_align(align) -> int:
     return int(align)
 
 
-def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed: int = 0, align: int = 1) -> Split:
+def check_grouped(grouped) -> str:
+    """Return ``grouped`` if it names a way to cut grouped convolutions (:data:`GROUPED`), else raise a KecompressError.
+
+    Example:
+        >>> check_grouped("narrow")
+        'narrow'
+    """
+    if grouped not in GROUPED:
+        raise KecompressError(f"grouped must be one of {', '.join(GROUPED)}, got {grouped!r}: e.g. whole-groups")
+    return grouped
+
+
+def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed: int = 0, align: int = 1,
+          grouped: str = "whole-groups") -> Split:
     """Split ``model`` into a fit and a reset hypothesis.
 
     Args:
@@ -238,6 +262,10 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
             rounded up, at least ``align``, never more than the group has), so that the slim
             network's layers have the widths fast kernels compute in blocks of (8 or 16, say).
             1, the default, is the paper's rule.
+        grouped: KELS: ``"whole-groups"`` keeps ``ceil(rate * groups)`` of a grouped convolution's
+            groups (rounded up as ``align`` says) at full group width, and the layers coupled to it
+            follow; ``"narrow"`` keeps the first ``ceil(rate * width)`` channels of every group, a
+            group narrower than the kernels' blocks, which runs little faster for its fewer MACs.
 
     Returns:
         A :class:`Split` whose ``masks`` cover every conv and linear layer (and, for KELS,
@@ -259,10 +287,10 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
         >>> int(s.masks["features.2.conv.0.1.weight"].sum())  # 96 channels: 48, already a multiple of 16
         48
     """
-    rate, align = check_rate(rate), check_align(align)
+    rate, align, grouped = check_rate(rate), check_align(align), check_grouped(grouped)
     method = str(method).lower()
     if method == "kels":
-        masks = _kels_masks(model, rate, example_inputs, align)
+        masks = _kels_masks(model, rate, example_inputs, align, grouped)
     elif method == "wels":
         if align != 1:
             raise KecompressError(f"align {align} applies to KELS splits: a WELS fit is sparse and has no channel "
@@ -270,7 +298,7 @@ def split(model: nn.Module, method: str, rate: float, example_inputs=None, seed:
         masks = _wels_masks(model, rate, seed)
     else:
         raise KecompressError(f"unknown split method {method!r}: use 'kels' or 'wels'")
-    return Split(method=method, rate=rate, seed=int(seed), masks=masks, align=align)
+    return Split(method=method, rate=rate, seed=int(seed), masks=masks, align=align, grouped=grouped)
 
 
 def _covered_parameters(model: nn.Module, method: str) -> list[str]:
@@ -366,9 +394,9 @@ def _check_splittable_layers(model: nn.Module) -> None:
                     "channels: use the WELS split for this model")
 
 
-def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int) -> dict[str, torch.Tensor]:
+def _kels_masks(model: nn.Module, rate: float, example_inputs, align: int, grouped: str) -> dict[str, torch.Tensor]:
     graph = trace_dependency_graph(model, example_inputs)
-    return masks_of_groups(model, graph, list(kels_groups(graph, rate, align)))
+    return masks_of_groups(model, graph, list(kels_groups(graph, rate, align, grouped)))
 
 
 def masks_of_groups(model: nn.Module, graph: tp.DependencyGraph, groups: list) -> dict[str, torch.Tensor]:
@@ -416,12 +444,13 @@ def masks_of_groups(model: nn.Module, graph: tp.DependencyGraph, groups: list) -
     return masks
 
 
-def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1):
+def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1, grouped: str = "whole-groups"):
     """Yield ``(group, fit_root_channels)`` for every coupled channel group that KELS splits.
 
     ``group`` is a torch-pruning group with full indices; ``fit_root_channels`` is the set of
-    its root layer's channels in the fit (:func:`fit_channels`). Groups that reach the model's
-    output (the logits) stay whole and are not yielded.
+    its root layer's channels in the fit (:func:`fit_channels`; with ``grouped="whole-groups"``
+    a group coupled to a grouped convolution keeps whole groups of it). Groups that reach the
+    model's output (the logits) stay whole and are not yielded.
 
     Example:
         >>> graph = trace_dependency_graph(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
@@ -436,7 +465,12 @@ def kels_groups(graph: tp.DependencyGraph, rate: float, align: int = 1):
             continue
         check_attention_group(graph, group, qkv_blocks, _layer_name(graph, group.items[0].dep.target.module))
         channels = len(group.items[0].idxs)
-        yield group, fit_channels(channels, rate, _channel_blocks(graph, group, channels, qkv_blocks), align)
+        blocks = _channel_blocks(graph, group, channels, qkv_blocks)
+        whole = _conv_group_blocks(graph, group, qkv_blocks) if grouped == "whole-groups" else 1
+        if whole > 1:
+            yield group, fit_channels(channels, rate, whole, align, whole_blocks=True)
+        else:
+            yield group, fit_channels(channels, rate, blocks, align)
 
 
 def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor]):
@@ -477,10 +511,10 @@ def groups_from_masks(graph: tp.DependencyGraph, masks: dict[str, torch.Tensor])
                                   "coupled to it: a fit network needs at least one; keep one in the fit")
         blocks = _channel_blocks(graph, group, channels, qkv_blocks)
         counts = sorted({sum(1 for channel in kept if channel * blocks // channels == block) for block in range(blocks)})
-        if len(counts) > 1:
+        if len(counts) > 1 and not (counts == [0, channels // blocks] and _conv_group_blocks(graph, group, qkv_blocks) > 1):
             raise KecompressError(f"the split keeps {' or '.join(map(str, counts))} channels in the {blocks} groups "
                                   f"of the grouped channels of layer '{layer}': a grouped convolution must keep "
-                                  "the same number in every group")
+                                  "the same number in every group, or whole groups and none of the others")
         yield group, kept
 
 
@@ -513,14 +547,15 @@ def _output_layers(graph: tp.DependencyGraph) -> set:
     return layers
 
 
-def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1) -> set[int]:
+def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1, whole_blocks: bool = False) -> set[int]:
     """The channels of a coupled group that belong to the fit hypothesis.
 
     The first ``ceil(rate * channels / blocks)`` channels of each of ``blocks`` equal blocks:
     a grouped convolution must keep the same number of channels in every group. With
-    ``align``, the count kept is rounded up so that the group keeps a multiple of ``align``
-    channels (at least ``align``, never more than it has). torch-pruning's ``round_to``
-    rounds down instead; up keeps at least the paper's fit.
+    ``whole_blocks``, instead the first ``ceil(rate * blocks)`` blocks whole (a grouped
+    convolution keeps whole groups). With ``align``, the count kept is rounded up so that the
+    group keeps a multiple of ``align`` channels (at least ``align``, never more than it has).
+    torch-pruning's ``round_to`` rounds down instead; up keeps at least the paper's fit.
 
     Example:
         >>> sorted(fit_channels(8, 0.5))
@@ -529,8 +564,15 @@ def fit_channels(channels: int, rate: float, blocks: int = 1, align: int = 1) ->
         [0, 1, 4, 5]
         >>> len(fit_channels(24, 0.5, align=8)), len(fit_channels(24, 0.5, blocks=2, align=8))
         (16, 16)
+        >>> sorted(fit_channels(8, 0.5, blocks=4, whole_blocks=True))  # 2 of 4 groups of 2
+        [0, 1, 2, 3]
+        >>> len(fit_channels(24, 0.5, blocks=6, align=8, whole_blocks=True))  # 3 groups of 4, aligned up to 4
+        16
     """
     size = channels // blocks
+    if whole_blocks:
+        step = align // math.gcd(align, size)  # blocks, so that together they keep a multiple of align
+        return set(range(min(blocks, -(-math.ceil(rate * blocks) // step) * step) * size))
     step = align // math.gcd(align, blocks)  # per block, so that the blocks together keep a multiple of align
     keep = min(size, -(-math.ceil(rate * size) // step) * step)
     return {block * size + offset for block in range(blocks) for offset in range(keep)}
@@ -557,6 +599,31 @@ def _channel_blocks(graph: tp.DependencyGraph, group, channels: int, qkv_blocks:
             f"cannot split {channels} coupled channels into {blocks} equal groups (layer "
             f"'{_layer_name(graph, group.items[0].dep.target.module)}'): use the WELS split")
     return blocks
+
+
+def _conv_group_blocks(graph: tp.DependencyGraph, group, qkv_blocks: dict) -> int:
+    """How many blocks of whole groups of every grouped convolution coupled in ``group`` its channels
+    fall into (the gcd of their groups); 1 when it has none, or holds the heads of an attention
+    layer, whose query, key and value must each keep the same share."""
+    blocks = 0
+    for item in group.items:
+        module = item.dep.target.module
+        if module in qkv_blocks:
+            return 1
+        if isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module):
+            blocks = math.gcd(blocks, module.groups)
+    return max(blocks, 1)
+
+
+def has_grouped_convs(model: nn.Module) -> bool:
+    """Whether ``model`` has a grouped convolution that is not depthwise (whose cut ``grouped`` chooses).
+
+    Example:
+        >>> has_grouped_convs(nn.Conv2d(8, 8, 3, groups=2)), has_grouped_convs(nn.Conv2d(8, 8, 3, groups=8))
+        (True, False)
+    """
+    return any(isinstance(module, _CONV) and module.groups > 1 and not _is_depthwise(module)
+               for module in model.modules())
 
 
 def _is_depthwise(module) -> bool:

@@ -186,3 +186,30 @@ def test_bench_of_an_untrained_model_with_align_prints_the_split(capsys):
 def test_align_zero_is_refused(command, capsys):
     status, _, err = run(capsys, *command, "--align", "0")
     assert status == 2 and "--align" in err and err.strip().count("\n") == 0
+
+
+def test_evolve_records_how_grouped_convolutions_are_cut_and_old_runs_resume_narrow(tmp_path, capsys):
+    from kecompress import Split
+    from kecompress.rundir import load_fit
+    out = tmp_path / "run"
+    argv = ["evolve", "regnet_x_400mf", "--generations", "1", "--epochs", "1", "--image-size", "16",
+            "--batch-size", "256", "--out", out]
+    status, _, err = run(capsys, *argv, "--grouped", "narrow")
+    assert status == 0, err
+    assert json.loads((out / "config.json").read_text())["grouped"] == "narrow"
+    split = Split.load(out / "split.pt")
+    assert split.grouped == "narrow"
+    fit = load_fit(out / "fit.pt")
+    assert fit.get_submodule("trunk_output.block2.block2-0.f.b.0").groups == 4  # every group, narrowed
+    status, _, err = run(capsys, *argv, "--resume", "--grouped", "whole-groups")
+    assert status == 2 and "differs in grouped" in err
+    # A run directory written before --grouped existed: it narrowed every group, and resumes so.
+    config = json.loads((out / "config.json").read_text())
+    del config["grouped"]
+    (out / "config.json").write_text(json.dumps(config))
+    state = torch.load(out / "split.pt", weights_only=True)
+    del state["grouped"]
+    torch.save(state, out / "split.pt")
+    status, _, err = run(capsys, *argv, "--resume")  # no --grouped: the run's own
+    assert status == 0, err
+    assert Split.load(out / "split.pt").grouped == "narrow"

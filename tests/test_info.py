@@ -51,3 +51,22 @@ def test_info_refuses_bad_input_in_one_line(argv, message, capsys):
     status = main(["info", *argv])
     err = capsys.readouterr().err
     assert status == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+# 64 channels in 4 groups of 16: 2 whole groups (32 outputs, each group reading 16), or 4 groups of 8 (reading 8).
+@pytest.mark.parametrize("grouped, fit", [("whole-groups", (32, 16)), ("narrow", (32, 8))])
+def test_info_shows_how_grouped_convolutions_are_cut(grouped, fit, capsys):
+    argv = ["regnet_x_400mf", "--num-classes", "10", "--input-size", "32", "--grouped", grouped]
+    info = info_json(capsys, *argv)
+    assert info["grouped"] == grouped
+    layer = next(layer for layer in info["layers"] if layer["name"] == "trunk_output.block2.block2-0.f.b.0")
+    assert tuple(layer["fit"]) == fit
+    assert main(["info", *argv]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"grouped convolutions: {grouped} (" in printed
+
+
+def test_info_refuses_an_unknown_grouped_rule_in_one_line(capsys):
+    status = main(["info", "regnet_x_400mf", "--grouped", "wide"])
+    err = capsys.readouterr().err
+    assert status == 2 and "whole-groups" in err and len(err.splitlines()) == 1, err

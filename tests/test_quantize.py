@@ -10,8 +10,9 @@ from torch.utils.data import TensorDataset
 from kecompress import experiment, quantize
 from kecompress.cli import main
 from kecompress.errors import KecompressError
-from kecompress.export import export_pair
-from kecompress.quantize import calibration_subset, onnx_top1, quantize_pair
+from kecompress.export import export_onnx, export_pair
+from kecompress.node_kinds import graph_node_kinds
+from kecompress.quantize import calibration_subset, onnx_top1, quantize_no_slower, quantize_pair
 from kecompress.rundir import RunDirectory
 
 from test_export import tiny
@@ -21,6 +22,17 @@ SIZE = "16"
 # The INT8 fit may differ from the fp32 fit by this many points of top-1 on the run's 359 validation
 # images (measured, 64 calibration images: the fit 56.3% in both, the dense network 90.5% against 90.3%).
 TOLERANCE_POINTS = 3.0
+
+
+def int8_twice_as_fast(fp32_path, int8_path, images):
+    """A timer for quantize_no_slower: INT8 always wins, so tests of other things get their INT8 files
+    whatever the machine's speed."""
+    return 2.0, 1.0
+
+
+@pytest.fixture
+def int8_wins(monkeypatch):
+    monkeypatch.setattr(quantize, "time_fp32_int8", int8_twice_as_fast)
 
 
 def run(capsys, *argv):
@@ -37,7 +49,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
-def test_int8_files_of_a_run_load_and_agree_with_fp32(trained_run, tmp_path, capsys):
+def test_int8_files_of_a_run_load_and_agree_with_fp32(trained_run, tmp_path, capsys, int8_wins):
     out = tmp_path / "onnx"
     status, stdout, err = run(capsys, "export", trained_run, "--onnx", "--int8", "--exporter", "torchscript",
                               "--calibration-images", "64", "--out", out)
@@ -53,7 +65,7 @@ def test_int8_files_of_a_run_load_and_agree_with_fp32(trained_run, tmp_path, cap
     assert (out / "fit.int8.onnx").stat().st_size < (out / "fit.onnx").stat().st_size / 3
 
 
-def test_too_large_an_accuracy_drop_writes_nothing(trained_run, tmp_path, capsys, monkeypatch):
+def test_too_large_an_accuracy_drop_writes_nothing(trained_run, tmp_path, capsys, monkeypatch, int8_wins):
     # The INT8 fit scores 10 points below the fp32 fit, whatever the networks do.
     monkeypatch.setattr(quantize, "onnx_top1", lambda path, data: 0.9 if str(path).endswith("fit.onnx") else 0.8)
     out = tmp_path / "onnx"
@@ -64,7 +76,7 @@ def test_too_large_an_accuracy_drop_writes_nothing(trained_run, tmp_path, capsys
     assert os.listdir(out) == []  # neither INT8 nor fp32 files, nor the staging directory
 
 
-def test_quantize_pair_refusal_leaves_the_fp32_files_alone(tmp_path, monkeypatch):
+def test_quantize_pair_refusal_leaves_the_fp32_files_alone(tmp_path, monkeypatch, int8_wins):
     export_pair(tiny(), tiny(), tmp_path, (3, 8, 8), exporter="torchscript")
     images = TensorDataset(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long))
     monkeypatch.setattr(quantize, "onnx_top1", lambda path, data: 1.0 if str(path).endswith("fit.onnx") else 0.995)
@@ -86,7 +98,7 @@ def test_bench_int8_json_has_the_int8_speedup_beside_the_fp32_one(trained_run, c
     assert result["settings"]["int8_calibration_images"] == 8 and "cpu_flags" in result["machine"]
 
 
-def test_calibration_folder_of_an_untrained_model(tmp_path, capsys):
+def test_calibration_folder_of_an_untrained_model(tmp_path, capsys, int8_wins):
     folder = tmp_path / "images"
     for name in ("cat", "dog"):
         (folder / name).mkdir(parents=True)
@@ -123,3 +135,83 @@ def test_without_calibration_data_an_untrained_model_calibrates_on_the_digits_wi
     assert validation is None and calibration[0][0].shape == (3, 16, 16)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: no --calibration-data" in err
+
+
+def depthwise_net() -> torch.nn.Module:
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2)).eval()
+
+
+def fp32_convs(path) -> dict[str, bool]:
+    """Per Conv node of an INT8 graph: whether it computes in fp32 (its weight is a float
+    initializer, not the output of a DequantizeLinear)."""
+    import onnx
+    graph = onnx.load(str(path)).graph
+    dequantized = {output for node in graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    return {node.name: node.input[1] not in dequantized for node in graph.node if node.op_type == "Conv"}
+
+
+def slower_unless_depthwise_is_fp32(fp32_path, int8_path, images):
+    # quantize_no_slower names each candidate file by the kinds it keeps in fp32
+    return 1.0, 0.8 if "depthwise" in int8_path.name else 1.25
+
+
+def test_int8_keeps_a_losing_kind_in_fp32_until_it_is_no_slower(tmp_path):
+    fp32 = export_onnx(depthwise_net(), tmp_path / "m.onnx", (3, 12, 12), exporter="torchscript")
+    images = TensorDataset(torch.randn(8, 3, 12, 12), torch.zeros(8, dtype=torch.long))
+    speed = quantize_no_slower(fp32, tmp_path / "m.int8.onnx", images, timer=slower_unless_depthwise_is_fp32)
+    assert speed.written and speed.kept_fp32 == ("depthwise",) and speed.speedup == 1.25
+    convs = fp32_convs(tmp_path / "m.int8.onnx")
+    kinds = graph_node_kinds(fp32)
+    assert [kinds[name] for name, in_fp32 in convs.items() if in_fp32] == ["depthwise conv"]
+    assert sum(not in_fp32 for in_fp32 in convs.values()) == 2  # the two kxk convs are INT8
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.onnx", "m.onnx"]  # no candidate left behind
+
+
+def test_the_user_s_kinds_override_the_timing(tmp_path):
+    fp32 = export_onnx(depthwise_net(), tmp_path / "m.onnx", (3, 12, 12), exporter="torchscript")
+    images = TensorDataset(torch.randn(8, 3, 12, 12), torch.zeros(8, dtype=torch.long))
+    speed = quantize_no_slower(fp32, tmp_path / "m.int8.onnx", images, keep_fp32="kxk",
+                               timer=lambda fp32, int8, x: (1.0, 3.0))  # far slower: written all the same
+    assert speed.written and speed.kept_fp32 == ("kxk",)
+    kinds = graph_node_kinds(fp32)
+    assert sorted(kinds[name] for name, in_fp32 in fp32_convs(tmp_path / "m.int8.onnx").items() if in_fp32) == \
+        ["kxk conv", "kxk conv"]
+
+
+def test_an_int8_network_that_stays_slower_is_not_written_and_says_why(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "fit.int8.onnx").write_bytes(b"an earlier export's")
+    monkeypatch.setattr(quantize, "time_fp32_int8", lambda fp32, int8, x: (1.0, 2.0))
+    status, stdout, err = run(capsys, "export", "mobilenet_v3_small", "--input-size", "32", "--onnx", "--int8",
+                              "--exporter", "torchscript", "--calibration-images", "4", "--out", out, "--force")
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == ["dense.onnx", "fit.onnx"]  # the stale INT8 file is gone too
+    printed = " ".join(stdout.split())
+    assert "fit.int8.onnx not written: INT8 ran at 0.50x the fp32 speed on this CPU" in printed
+    assert "dense.int8.onnx not written" in printed and "no INT8 file written" in printed
+
+
+def test_int8_keep_fp32_on_the_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(quantize, "time_fp32_int8", lambda fp32, int8, x: (1.0, 2.0))
+    out = tmp_path / "onnx"
+    status, stdout, err = run(capsys, "export", "mobilenet_v3_small", "--input-size", "32", "--onnx", "--int8",
+                              "--int8-keep-fp32", "depthwise,squeeze-excitation", "--exporter", "torchscript",
+                              "--calibration-images", "4", "--out", out)
+    assert status == 0, err
+    assert "fit.int8.onnx: 0.50x the fp32 speed" in " ".join(stdout.split())
+    kinds = graph_node_kinds(out / "fit.onnx")
+    in_fp32 = fp32_convs(out / "fit.int8.onnx")
+    assert {kinds[name] for name, fp32 in in_fp32.items() if fp32} == {"depthwise conv", "squeeze-excitation"}
+    assert not any(fp32 for name, fp32 in in_fp32.items() if kinds[name] in ("1x1 conv", "small 1x1 conv"))
+
+
+@pytest.mark.parametrize("argv, message", [(["--int8", "--int8-keep-fp32", "depthwise,wide"], "'wide'"),
+                                           (["--int8-keep-fp32", "depthwise"], "pass --int8 too")])
+def test_a_bad_int8_keep_fp32_is_one_line(argv, message, tmp_path, capsys):
+    status, _, err = run(capsys, "export", "resnet18", "--input-size", "32", "--onnx", *argv,
+                         "--out", tmp_path / "onnx")
+    assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "onnx").exists()

@@ -103,7 +103,7 @@ def split_with_random_channels(model, example, seed=0):
     graph = trace_dependency_graph(model, example)
     name_of = {id(param): name for name, param in model.named_parameters()}
     heads = qkv_heads(model)
-    for group, rule in kels_groups(graph, 0.5):
+    for group, rule in kels_groups(graph, 0.5, grouped="narrow"):
         channels = len(group.items[0].idxs)
         blocks = _channel_blocks(graph, group, channels, heads)  # a grouped conv keeps the same offsets in every group
         size = channels // blocks
@@ -121,7 +121,7 @@ def test_a_hand_edited_consistent_split_slices_to_exactly_its_channels(name):
     model = randomise_batchnorm(build(name)).eval()
     x = example_input(name, batch=2)
     s = split_with_random_channels(model, x[:1])
-    rule = kecompress.split(model, "kels", 0.5, example_inputs=x[:1])
+    rule = kecompress.split(model, "kels", 0.5, example_inputs=x[:1], grouped="narrow")
     assert s.fit_count() == rule.fit_count()
     assert any(not torch.equal(s.masks[key], rule.masks[key]) for key in s.masks)  # not the first channels
     fit = kecompress.slice_fit(model, s, example_inputs=x[:1])
@@ -160,3 +160,25 @@ def test_masks_no_slim_network_computes_are_refused(edit, message):
     edit(s.masks)
     with pytest.raises(KecompressError, match=message):
         kecompress.slice_fit(model, s, example_inputs=x)
+
+
+@pytest.mark.parametrize("grouped", ["whole-groups", "narrow"])
+@pytest.mark.parametrize("name, layer", [("regnet_x_400mf", "trunk_output.block2.block2-0.f.b.0"),
+                                         ("regnet_y_400mf", "trunk_output.block2.block2-0.f.b.0"),
+                                         ("resnext50_32x4d", "layer1.0.conv2")])
+def test_a_grouped_conv_slices_to_whole_or_narrowed_groups_and_equals_the_masked_network(name, layer, grouped):
+    model = randomise_batchnorm(build(name)).eval()
+    x = example_input(name, batch=2)
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x[:1], grouped=grouped)
+    fit = kecompress.slice_fit(model, s, example_inputs=x[:1])
+    dense, cut = model.get_submodule(layer), fit.get_submodule(layer)
+    width = dense.out_channels // dense.groups
+    if grouped == "whole-groups":  # half the groups (rounded up), each as wide as before
+        assert (cut.groups, cut.out_channels // cut.groups) == (-(-dense.groups // 2), width)
+    else:  # every group, each half as wide
+        assert (cut.groups, cut.out_channels // cut.groups) == (dense.groups, -(-width // 2))
+    with torch.no_grad():
+        expected = zero_reset_hypothesis(model, s)(x)
+        got = fit(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert sum(p.numel() for p in fit.parameters()) == s.fit_count()

@@ -71,8 +71,10 @@ def test_kels_depthwise_conv_follows_its_input_channels():
     assert torch.equal(s.masks["features.0.1.weight"], depthwise[:, 0, 0, 0])
 
 
-def test_kels_grouped_conv_keeps_the_same_count_in_every_group():
-    model, s = kels("regnet_x_400mf")
+def test_kels_narrow_grouped_conv_keeps_the_same_count_in_every_group():
+    model = build("regnet_x_400mf")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=example_input("regnet_x_400mf"), grouped="narrow")
+    assert s.grouped == "narrow"
     conv = model.get_submodule("trunk_output.block1.block1-0.f.b.0")
     assert 1 < conv.groups < conv.out_channels
     per_group = conv.out_channels // conv.groups
@@ -83,10 +85,56 @@ def test_kels_grouped_conv_keeps_the_same_count_in_every_group():
     assert kept_in.sum() == math.ceil(0.5 * per_group)
 
 
+@pytest.mark.parametrize("name, layer, rate, align, kept_groups", [
+    ("regnet_x_400mf", "trunk_output.block2.block2-0.f.b.0", 0.5, 1, 2),  # 64 channels, 4 groups of 16
+    ("regnet_x_400mf", "trunk_output.block2.block2-0.f.b.0", 0.3, 1, 2),  # ceil(0.3 * 4)
+    ("regnet_y_400mf", "trunk_output.block2.block2-0.f.b.0", 0.5, 1, 7),  # 104 channels, 13 groups of 8
+    ("regnet_y_400mf", "trunk_output.block2.block2-0.f.b.0", 0.5, 16, 8),  # 7 groups aligned up to 2 x 8 = 16
+    ("resnext50_32x4d", "layer1.0.conv2", 0.5, 1, 16),  # 128 channels, 32 groups of 4
+    ("resnext50_32x4d", "layer1.0.conv2", 0.25, 16, 8),  # 32 groups of 4: ceil(0.25 * 32) = 8 = 2 x 4 groups
+])
+def test_kels_grouped_conv_keeps_whole_groups_by_default(name, layer, rate, align, kept_groups):
+    model = build(name)
+    s = kecompress.split(model, "kels", rate, example_inputs=example_input(name), align=align)
+    assert s.grouped == "whole-groups"
+    conv = model.get_submodule(layer)
+    width = conv.out_channels // conv.groups
+    mask = s.masks[f"{layer}.weight"]
+    # The first kept_groups groups, every filter and every input channel of each; none of the others.
+    assert mask[:kept_groups * width].all() and not mask[kept_groups * width:].any()
+    # The coupled layers follow: the producing layer's outputs and the consuming layer's inputs.
+    producer = s.masks[layer.rsplit(".", 2)[0] + ".a.0.weight"] if "regnet" in name else s.masks[layer[:-1] + "1.weight"]
+    consumer = s.masks[layer.rsplit(".", 2)[0] + ".c.0.weight"] if "regnet" in name else s.masks[layer[:-1] + "3.weight"]
+    expected = torch.arange(conv.in_channels) < kept_groups * width
+    assert torch.equal(producer.flatten(1).any(dim=1), expected)
+    assert torch.equal(consumer.transpose(0, 1).flatten(1).any(dim=1), expected)
+
+
+def test_a_split_saved_before_grouped_existed_loads_as_narrow(tmp_path):
+    model = build("regnet_x_400mf")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=example_input("regnet_x_400mf"), grouped="narrow")
+    state = s.to_dict()
+    del state["grouped"]
+    torch.save(state, tmp_path / "split.pt")
+    old = Split.load(tmp_path / "split.pt")
+    assert old.grouped == "narrow"
+    x = example_input("regnet_x_400mf")
+    fit = kecompress.slice_fit(model, old, example_inputs=x)
+    assert fit.get_submodule("trunk_output.block2.block2-0.f.b.0").groups == 4  # every group, each narrowed
+    assert Split.load(tmp_path / "split.pt").to_dict()["grouped"] == "narrow"
+
+
+def test_an_unknown_grouped_rule_is_refused():
+    with pytest.raises(KecompressError, match="grouped must be one of whole-groups, narrow"):
+        kecompress.split(build("resnet18"), "kels", 0.5, grouped="wide")
+
+
 # Rate 0.5 on every architecture is checked with the slicing test (tests/test_slim.py).
 @pytest.mark.parametrize("name, rate", [("resnet18", 0.25), ("mobilenet_v2", 0.75), ("regnet_x_400mf", 0.3)])
 def test_kels_fit_fraction_is_close_to_rate_squared(name, rate):
-    model, s = kels(name, rate)
+    model = build(name)
+    # Whole groups keep a rate share of a grouped conv's weights, not rate²: the narrow rule is the paper's.
+    s = kecompress.split(model, "kels", rate, example_inputs=example_input(name), grouped="narrow")
     # Rounding up and the whole logits layer only ever add to rate**2.
     assert rate ** 2 - 0.005 <= s.fit_fraction() <= 1.4 * rate ** 2
     for param_name, param in model.named_parameters():
