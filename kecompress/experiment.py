@@ -36,6 +36,7 @@ from .files import remove_stale_temporaries
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
+from .runlock import LOCK_FILE
 from .slim import fit_sized, slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
@@ -76,8 +77,19 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
     """
     run_dir = RunDirectory(run_dir) if run_dir is not None else None
+    try:
+        return _build(config, data, run_dir, resume, device, precision, channels_last, compile_model, callbacks)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.unlock()  # held from here to the end of the run: a run that never starts lets go
+        raise
+
+
+def _build(config, data, run_dir, resume, device, precision, channels_last, compile_model, callbacks) -> Evolution:
     with distributed.fail_together(KecompressError, OSError):  # what one rank finds ends every rank
         if run_dir is not None and distributed.is_main():  # first: before the data set is read
+            if resume and run_dir.path.is_dir():  # one writer: held until the run ends
+                run_dir.lock()
             check_run_dir(run_dir, resume)
         check_fit_only(config)
         train_set, val_set, classes = data or load_data(config)
@@ -113,6 +125,8 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:
+            run_dir.lock()  # a new run's directory exists from here; then refuse one another run began meanwhile
+            check_run_dir(run_dir, resume=False)
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split
 
@@ -125,7 +139,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         device = torch.device(device)
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
-                         device=device, example_inputs=example_inputs.to(device), run_dir=run_dir and run_dir.path,
+                         device=device, example_inputs=example_inputs.to(device), run_dir=run_dir,
                          callbacks=callbacks, precision=precision, channels_last=channels_last,
                          compile_model=compile_model, fit_batchnorm=config.fit_batchnorm, forgetting=forgetting,
                          fit_distillation=FitDistillation(**config.distill_fit) if config.distill_fit else None,
@@ -168,6 +182,6 @@ def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:
     if resume:
         if not run_dir.is_run():
             raise KecompressError(f"nothing to resume in {path} (no kecompress run there): run without --resume")
-    elif path.is_dir() and any(path.iterdir()):
+    elif path.is_dir() and any(entry.name != LOCK_FILE for entry in path.iterdir()):
         what = "holds a kecompress run" if run_dir.is_run() else "is not empty"
         raise KecompressError(f"--out {path} {what}: pass --resume to continue it, or choose another --out")
