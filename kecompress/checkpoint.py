@@ -68,6 +68,7 @@ def restore(loop: "Evolution", run_dir: RunDirectory) -> bool:
 def _read_and_check(loop: "Evolution", run_dir: RunDirectory) -> dict | None:
     run_dir.lock()  # one writer: held until the run ends
     run_dir.check_same_run(loop.run_config)
+    run_dir.check_other_files(loop.run_config)
     state = run_dir.read_checkpoint(set_aside_damaged=True)
     if state is None:
         return None

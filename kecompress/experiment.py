@@ -32,9 +32,10 @@ from .distillation import FitDistillation
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evolution import Evolution
-from .files import remove_stale_temporaries
+from .files import remove_stale_temporaries, torch_bytes
 from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
+from .manifest import DamagedFile
 from .rundir import RunDirectory
 from .runlock import LOCK_FILE
 from .slim import fit_sized, slice_fit
@@ -115,13 +116,22 @@ def _build(config, data, run_dir, resume, device, precision, channels_last, comp
         if channels_last:
             check_channels_last(model)
 
+    def drawn_split() -> Split:
+        rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
+        return make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
+                          align=config.align)
+
     def split_on_main() -> Split:  # rank 0 owns the run directory; the other ranks get its split
         if resume:
             remove_stale_temporaries(run_dir.path)
-            return run_dir.read_split()
-        rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
-        new_split = make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
-                               align=config.align)
+            try:
+                return run_dir.read_split()
+            except DamagedFile:  # drawn again from the seed: used only if byte for byte the one written
+                again = drawn_split()
+                if not run_dir.repair(RunDirectory.SPLIT, torch_bytes(again.to_dict())):
+                    raise
+                return again
+        new_split = drawn_split()
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:

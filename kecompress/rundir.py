@@ -144,7 +144,12 @@ class RunDirectory:
             >>> # RunDirectory("runs/a").check_same_run(config)
         """
         if self.is_run():
-            saved = self.read_config()
+            try:
+                saved = self.read_config()
+            except manifest.DamagedFile:
+                if not self.repair(self.CONFIG, _json_bytes(config.to_json())):
+                    raise
+                saved = config
         elif self.checkpoint_file.is_file():
             saved = self._config_in_checkpoint(config)
         else:
@@ -406,6 +411,42 @@ class RunDirectory:
             if self._manifest_for_reading() == files:
                 break
         raise manifest.DamagedFile(path, self._fix(name))
+
+    def repair(self, name: str, data: bytes) -> bool:
+        """Rewrite the damaged file ``name`` with ``data``, made again from the run's settings, when
+        they are the very bytes the manifest recorded; False (nothing written) otherwise.
+
+        Example:
+            >>> RunDirectory("runs/never-written").repair("config.json", b"{}")
+            False
+        """
+        record = self._manifest_for_writing().get(name) if self.path.is_dir() else None
+        if record is None or manifest.digest(data) != record["sha256"]:
+            return False
+        self._write(name, data)
+        self._note(f"{self.path / name} was damaged: made again from the run's settings, byte for byte the file "
+                   "that was written (its SHA-256 matches the manifest's)")
+        return True
+
+    def check_other_files(self, config: RunConfig) -> None:
+        """On resume, name each damaged file that the run does not read to go on: the metrics and the
+        final networks (the resumed run writes them again) and the model file it started from (made
+        again from ``config.model`` when that file is unchanged).
+
+        Example:
+            >>> RunDirectory("runs/never-written").check_other_files(RunConfig())
+        """
+        for name in (self.METRICS, self.DENSE, self.FIT, self.SOURCE_MODEL):
+            try:
+                (self.path / name).is_file() and self.read_verified(name)
+            except manifest.DamagedFile:
+                if name != self.SOURCE_MODEL:
+                    self._note(f"{self.path / name} is damaged (its SHA-256 differs from the manifest's): the resumed "
+                               "run writes it again")
+                elif not (config.model and Path(config.model).is_file()
+                          and self.repair(name, Path(config.model).read_bytes())):
+                    self._note(f"{self.path / name} is damaged (its SHA-256 differs from the manifest's): copy the "
+                               "model file the run started from over it before `kecompress export`")
 
     def _fix(self, name: str) -> str:
         if name in (self.DENSE, self.FIT, self.METRICS):

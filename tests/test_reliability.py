@@ -272,3 +272,16 @@ def test_a_malicious_file_in_a_run_directory_runs_no_code(victim, model_file, re
     assert status == 2
     assert victim in message
     assert not marker.exists()
+
+
+def test_files_written_once_are_made_again_on_resume_when_damaged(model_file, reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    victims = ("config.json", "split.pt", "source_model.pt")
+    for victim in victims:
+        flip_bytes(out / victim)
+    assert main(evolve_args(model_file, out) + ["--resume"]) == 0
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 3 and all(f"note: {out / victim} was damaged: made again" in note
+                                   for victim, note in zip(victims, notes)), notes
+    assert all((out / victim).read_bytes() == (reference_run / victim).read_bytes() for victim in victims)
