@@ -37,7 +37,6 @@ from .forgetting import for_model, from_settings, settings_of
 from .models import output_features, resolve_model
 from .manifest import DamagedFile
 from .rundir import RunDirectory
-from .runlock import LOCK_FILE
 from .slim import fit_sized, slice_fit
 from .split import Split, split as make_split
 from .weights import load_weights
@@ -137,6 +136,7 @@ def _build(config, data, run_dir, resume, device, precision, channels_last, comp
         if run_dir is not None:
             run_dir.lock()  # a new run's directory exists from here; then refuse one another run began meanwhile
             check_run_dir(run_dir, resume=False)
+            remove_stale_temporaries(run_dir.path)  # of a start killed half-way
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
         return new_split
 
@@ -192,6 +192,6 @@ def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:
     if resume:
         if not run_dir.is_run():
             raise KecompressError(f"nothing to resume in {path} (no kecompress run there): run without --resume")
-    elif path.is_dir() and any(entry.name != LOCK_FILE for entry in path.iterdir()):
+    elif not run_dir.is_free():
         what = "holds a kecompress run" if run_dir.is_run() else "is not empty"
         raise KecompressError(f"--out {path} {what}: pass --resume to continue it, or choose another --out")

@@ -96,6 +96,26 @@ class RunDirectory:
         """Whether a run was started here (its configuration is written)."""
         return self.config_file.is_file()
 
+    def is_free(self) -> bool:
+        """Whether a new run may start here: the directory is empty but for what a new run killed
+        before it wrote its configuration leaves (files its manifest lists, the manifest, the lock,
+        temporary files), which it rewrites.
+
+        Example:
+            >>> RunDirectory("runs/never-written").is_free()
+            True
+        """
+        if not self.path.is_dir():
+            return True
+        if self.is_run():
+            return False
+        try:
+            listed = manifest.read(self.path) or {}
+        except ValueError:
+            return False
+        return all(entry.name in listed or entry.name in (manifest.MANIFEST, runlock.LOCK_FILE)
+                   or (entry.name.startswith(".") and entry.name.endswith(".tmp")) for entry in self.path.iterdir())
+
     # -- the start: configuration, split, the model it started from ---------------------------
     def start(self, config: RunConfig, split: Split, source_model: str | Path | nn.Module | None = None) -> None:
         """Create the directory and write the configuration, the split and, for a model that is
