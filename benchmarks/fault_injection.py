@@ -7,9 +7,10 @@ digits, in a child process forked from this one, so that each run skips importin
 the reference result and wall time. Then, for
 each of ``--faults`` faults, in a fresh run directory:
 
-1. the same command is started and killed with SIGKILL at a moment drawn uniformly over the
-   reference's wall time (start-up, training, a checkpoint or manifest write, the final files:
-   wherever it falls);
+1. the same command is started and killed with SIGKILL at a moment drawn uniformly over the time
+   the reference's run directory existed (from its first file to the run's end: training, a
+   checkpoint or manifest write, the final files, wherever it falls; a kill before that, while
+   the data load, leaves nothing to damage or resume);
 2. with probability ``--damage``, one file of the directory, drawn at random, has 64 bytes flipped
    or is cut to half its size (the chart, which nothing reads back, is left out);
 3. the command is run again with ``--resume`` (without it when the kill came before the run wrote
@@ -93,11 +94,15 @@ def wait(pid: int, seconds: float | None = None) -> int | None:
         time.sleep(0.005)
 
 
-def run_to_end(argv: list[str], stderr: Path) -> tuple[int, str, float]:
-    """Exit status, stderr and wall seconds of ``kecompress ARGV`` run to its end."""
-    started = time.perf_counter()
-    status = wait(start(argv, stderr))
-    return status, stderr.read_text(), time.perf_counter() - started
+def run_to_end(argv: list[str], stderr: Path, first_file: Path | None = None) -> tuple[int, str, float, float]:
+    """Exit status, stderr and wall seconds of ``kecompress ARGV`` run to its end, and the second
+    ``first_file`` appeared (0 when not watched)."""
+    started, appeared = time.perf_counter(), 0.0
+    pid = start(argv, stderr)
+    while (status := wait(pid, 0.01)) is None:
+        if first_file is not None and not appeared and first_file.exists():
+            appeared = time.perf_counter() - started
+    return status, stderr.read_text(), time.perf_counter() - started, appeared
 
 
 def run_and_kill(argv: list[str], after: float, stderr: Path) -> tuple[bool, float]:
@@ -169,22 +174,24 @@ def main(argv=None) -> int:
     import kecompress.cli  # noqa: F401  (imported once, here: each forked run starts at once)
     print(machine_line(machine()), f"load average {os.getloadavg()[0]:.2f}")
 
-    status, err, reference_seconds = run_to_end(evolve_command(model, workdir / "reference", args), stderr)
+    status, err, reference_seconds, directory_from = run_to_end(evolve_command(model, workdir / "reference", args),
+                                                                stderr, workdir / "reference" / "split.pt")
     if status != 0:
         print(f"the uninterrupted run failed: {err.strip()}", file=sys.stderr)
         return 1
     reference = outcome(workdir / "reference")
-    print(f"uninterrupted run: {reference_seconds:.1f} s ({args.generations} generations of {args.epochs} epochs)")
+    print(f"uninterrupted run: {reference_seconds:.1f} s ({args.generations} generations of {args.epochs} epochs), "
+          f"its run directory written from {directory_from:.1f} s on")
 
     faults = []
     for index in range(args.faults):
         out = workdir / f"fault-{index:03d}"
         command = evolve_command(model, out, args)
-        after = rng.uniform(0, reference_seconds)
+        after = rng.uniform(directory_from, reference_seconds)
         killed, killed_seconds = run_and_kill(command, after, stderr)
         damaged = damage(out, rng) if killed and out.is_dir() and rng.random() < args.damage else None
         again = command + (["--resume"] if (out / "config.json").is_file() else [])
-        status, err, resume_seconds = run_to_end(again, stderr)
+        status, err, resume_seconds, _ = run_to_end(again, stderr)
         fault = {"kill_after_s": round(after, 2), "killed": killed, "damaged": damaged, "resumed": "--resume" in again,
                  "status": status, "lost_s": round(killed_seconds + resume_seconds - reference_seconds, 2),
                  "bit_exact": status == 0 and same(outcome(out), reference),
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
     summary = {"faults": len(faults), "killed": len(killed),
                "bit_exact": sum(fault["bit_exact"] for fault in killed), "refused": len(refused),
                "damaged": len(damaged), "damaged_named": sum(fault["named"] for fault in damaged),
-               "reference_s": round(reference_seconds, 2),
+               "reference_s": round(reference_seconds, 2), "directory_from_s": round(directory_from, 2),
                "lost_s_mean": round(statistics.mean(lost), 2) if lost else None,
                "lost_s_median": round(statistics.median(lost), 2) if lost else None,
                "lost_s_max": round(max(lost), 2) if lost else None}

@@ -222,8 +222,15 @@ class RunDirectory:
                 self._check_previous_checkpoint()
             return state
         if newest_error is not None:
-            raise self.unusable_checkpoint(newest_error) from None
+            if not self._was_first_checkpoint():
+                raise self.unusable_checkpoint(newest_error) from None
+            self._fell_back(newest_error, set_aside_damaged, "the start of the run")
         return None
+
+    def _was_first_checkpoint(self) -> bool:
+        # Every checkpoint after the first rotates one into checkpoint.previous.pt, which the manifest then lists.
+        files = self._manifest_for_writing()
+        return self.CHECKPOINT in files and self.PREVIOUS_CHECKPOINT not in files
 
     def _check_previous_checkpoint(self) -> None:
         # Not read when the newest is whole, but a resume says when the one to fall back on is gone.
@@ -233,10 +240,10 @@ class RunDirectory:
             self._note(f"{self.previous_checkpoint_file} is damaged (its SHA-256 differs from the manifest's): "
                        "not needed now, and the run's next checkpoint replaces it")
 
-    def _fell_back(self, newest_error: Exception | None, set_aside_damaged: bool) -> None:
+    def _fell_back(self, newest_error: Exception | None, set_aside_damaged: bool, to: str | None = None) -> None:
+        to = to or f"{self.previous_checkpoint_file}, the checkpoint before it"
         if newest_error is None:
-            self._note(f"{self.checkpoint_file} is missing (the run was killed while replacing it): resuming from "
-                       f"{self.previous_checkpoint_file}, the checkpoint before it")
+            self._note(f"{self.checkpoint_file} is missing (the run was killed while replacing it): resuming from {to}")
             return
         why = "its SHA-256 differs from the manifest's" if isinstance(newest_error, manifest.DamagedFile) \
             else f"unreadable: {newest_error.__class__.__name__}"
@@ -247,8 +254,8 @@ class RunDirectory:
             files.pop(self.CHECKPOINT, None)
             self._write_manifest(files)
             kept = f"; the damaged file is kept as {self.DAMAGED_CHECKPOINT}"
-        self._note(f"{self.checkpoint_file} is damaged ({why}): resuming from {self.previous_checkpoint_file}, "
-                   f"the checkpoint before it, at most one checkpoint interval earlier{kept}")
+        self._note(f"{self.checkpoint_file} is damaged ({why}): resuming from {to}, at most one checkpoint interval "
+                   f"earlier{kept}")
 
     def unusable_checkpoint(self, error: Exception, path: Path | None = None) -> KecompressError:
         """The error for a checkpoint that cannot be read, or loaded into the run's model."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kecompress import KecompressError
+from kecompress import KecompressError, manifest
 from kecompress.cli import main
 from kecompress.rundir import RunDirectory, RunNote
 
@@ -214,7 +214,8 @@ def test_a_damaged_manifest_is_named_and_the_files_still_read(reference_run, tmp
     assert len(err) == 1 and f"note: {out / 'manifest.json'} is damaged" in err[0], err
 
 
-@pytest.mark.parametrize("damage", ["64 bytes flipped", "cut to half", "cut to half, no manifest"])
+@pytest.mark.parametrize("damage", ["64 bytes flipped", "cut to half", "cut to half, no manifest",
+                                    "cut to half, the run's first checkpoint"])
 def test_a_damaged_newest_checkpoint_falls_back_on_the_previous_and_ends_bit_exact(
         damage, model_file, reference_run, reference, tmp_path, capsys):
     out = tmp_path / "run"
@@ -228,10 +229,17 @@ def test_a_damaged_newest_checkpoint_falls_back_on_the_previous_and_ends_bit_exa
         newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])
     if damage.endswith("no manifest"):  # a run directory of an earlier version
         (out / "manifest.json").unlink()
+    before = out / "checkpoint.previous.pt"
+    if damage.endswith("first checkpoint"):  # killed after its first checkpoint: nothing before it but the start
+        before.unlink()
+        files = manifest.read(out)
+        del files["checkpoint.previous.pt"]
+        (out / "manifest.json").write_bytes(manifest.encode(files))
     assert main(evolve_args(model_file, out) + ["--resume"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "checkpoint" in line]
     assert len(notes) == 1, notes
-    assert f"note: {newest} is damaged" in notes[0] and f"resuming from {out / 'checkpoint.previous.pt'}" in notes[0]
+    assert f"note: {newest} is damaged" in notes[0]
+    assert f"resuming from {'the start of the run' if damage.endswith('first checkpoint') else before}" in notes[0]
     assert (out / "checkpoint.damaged.pt").is_file()  # kept, out of the rotation
     assert_same(outcome(out), reference)
 
