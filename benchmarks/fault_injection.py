@@ -10,7 +10,9 @@ each of ``--faults`` faults, in a fresh run directory:
 1. the same command is started and killed with SIGKILL at a moment drawn uniformly over the time
    the reference's run directory existed (from its first file to the run's end: training, a
    checkpoint or manifest write, the final files, wherever it falls; a kill before that, while
-   the data load, leaves nothing to damage or resume);
+   the data load, leaves nothing to damage or resume). A run that ends before its kill (the
+   machine's load varies) is not a fault: it is drawn again, and the shortest run seen so far
+   bounds the next moments;
 2. with probability ``--damage``, one file of the directory, drawn at random, has 64 bytes flipped
    or is cut to half its size (the chart, which nothing reads back, is left out);
 3. the command is run again with ``--resume`` (without it when the kill came before the run wrote
@@ -183,12 +185,16 @@ def main(argv=None) -> int:
     print(f"uninterrupted run: {reference_seconds:.1f} s ({args.generations} generations of {args.epochs} epochs), "
           f"its run directory written from {directory_from:.1f} s on")
 
-    faults = []
-    for index in range(args.faults):
+    faults, shortest = [], reference_seconds
+    for index in range(2 * args.faults):  # a run that ends before its kill is drawn again
+        if sum(fault["killed"] for fault in faults) == args.faults:
+            break
         out = workdir / f"fault-{index:03d}"
         command = evolve_command(model, out, args)
-        after = rng.uniform(directory_from, reference_seconds)
+        after = rng.uniform(directory_from, max(directory_from, shortest))
         killed, killed_seconds = run_and_kill(command, after, stderr)
+        if not killed:
+            shortest = min(shortest, killed_seconds)
         damaged = damage(out, rng) if killed and out.is_dir() and rng.random() < args.damage else None
         again = command + (["--resume"] if (out / "config.json").is_file() else [])
         status, err, resume_seconds, _ = run_to_end(again, stderr)
