@@ -70,8 +70,10 @@ def restore(loop: "Evolution", run_dir: RunDirectory) -> bool:
 
 
 def _read_and_check(loop: "Evolution", run_dir: RunDirectory) -> dict | None:
+    run_dir.lock()  # one writer: held until the run ends
     run_dir.check_same_run(loop.run_config, loop.model)
-    state = run_dir.read_checkpoint()
+    run_dir.check_other_files(loop.run_config)
+    state = run_dir.read_checkpoint(set_aside_damaged=True)
     if state is None:
         return None
     try:
@@ -100,6 +102,7 @@ class Checkpointing(Callback):
     def on_run_start(self, loop: "Evolution") -> None:
         if not distributed.is_main():
             return
+        self.run_dir.lock()  # one writer: held until the run ends
         if not self.run_dir.is_run():  # started from Python: write what the command line writes first
             config = loop.run_config
             source = None if config.arch else config.model or loop.model  # (not trained yet: its architecture)

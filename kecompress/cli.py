@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from .node_kinds import CONV_KINDS
 from .quantize import (CALIBRATION_IMAGES, INT8_PAIR_FILES, LOSING_KINDS, MAX_ACCURACY_DROP, calibration_subset,
                        check_keep_fp32, quantize_pair)
 from .report import RichProgress, finetune_line, generations_table
-from .rundir import RunDirectory, load_fit
+from .rundir import RunDirectory, RunNote, load_fit
 from .runfile import evolve_defaults, read_run_file, run_file_text
 from .shape import SELECTIONS, WIDTHS, learned_split
 from .slim import fit_network, slice_fit
@@ -256,12 +256,15 @@ def evolve(model, split_method, rate, align, grouped, generations, epochs, data,
     progress = RichProgress(generations, console=console) if distributed.is_main() else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", WeightsNote)
+        warnings.simplefilter("always", RunNote)
         loop = experiment.build(config, run_dir=out, resume=resume, device=torch_device, precision=precision,
                                 channels_last=channels_last, compile_model=compile_model,
                                 callbacks=([progress] if progress else []) + callbacks)
     for warning in caught:  # a note on the weights in one line; any other warning as Python shows it
         if issubclass(warning.category, WeightsNote):
             _print_on_main(f"note: {warning.message}")
+        elif issubclass(warning.category, RunNote):  # now, not at the end of the run
+            _print_note(str(warning.message))
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     the_split = loop.split
@@ -710,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        app.main(args=argv, prog_name="kecompress", standalone_mode=False)
+        with _notes_as_lines():
+            app.main(args=argv, prog_name="kecompress", standalone_mode=False)
     except RunInterrupted as stop:
         _report(stop, f"{stop}" + (f"; resume with: {_resume_command(argv)}" if stop.saved else ""))
         return 130
@@ -733,6 +737,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.teardown()
     return 0
+
+
+@contextmanager
+def _notes_as_lines():
+    """Show every :class:`~kecompress.rundir.RunNote` as one line, ``kecompress: note: ...``, once the
+    command has succeeded: a command that fails says one line, its error."""
+    notes = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RunNote):
+            notes.append(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunNote)
+        shown, warnings.showwarning = warnings.showwarning, show
+        yield
+    for note in dict.fromkeys(notes):
+        _print_note(note)
+
+
+def _print_note(note: str) -> None:
+    if distributed.is_main():
+        print(f"kecompress: note: {note}", file=sys.stderr, flush=True)
 
 
 def _report(error: BaseException, message: str) -> None:

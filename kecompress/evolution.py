@@ -121,7 +121,7 @@ class Evolution:
                  config: TrainingConfig | None = None, *, loss_fn: Callable | None = None,
                  metric_fn: Callable = accuracy, metric_name: str = "accuracy",
                  device: torch.device | str = "cpu", example_inputs=None,
-                 run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                 run_dir: str | Path | RunDirectory | None = None, callbacks: Sequence[Callback] = (),
                  precision: str = "fp32", channels_last: bool = False, compile_model: bool = False,
                  fit_batchnorm: str = "re-estimated", forgetting: Forgetting | None = None,
                  fit_distillation: FitDistillation | None = None, finetune_fit: int | FitFinetuning | None = None,
@@ -171,7 +171,7 @@ class Evolution:
             world_size=distributed.world_size(), loaders="python",
             **({"select": selection.select, "widths": selection.widths, "fit_macs": selection.fit_macs,
                 "select_after": selection.after, "sparsity": selection.sparsity} if selection else {}))
-        self.run_dir = RunDirectory(run_dir) if run_dir is not None else None
+        self.run_dir = RunDirectory(run_dir) if isinstance(run_dir, (str, Path)) else run_dir
         self.callbacks = ([Checkpointing(self.run_dir)] if self.run_dir else []) + list(callbacks)
         self.progress = Progress()
         self.optimizer = self.schedule = None  # each generation's, made when it starts
@@ -222,6 +222,13 @@ class Evolution:
         Example:
             >>> # history = Evolution(model, split, train, val, TrainingConfig()).run()
         """
+        try:
+            return self._run()
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.unlock()  # the writer's lock, held since the run directory was first written
+
+    def _run(self) -> list[GenerationRecord]:
         with self.ctrl_c:
             self.call("on_run_start")
             progress = self.progress

@@ -30,18 +30,18 @@ from .callbacks import Callback
 from .config import RunConfig
 from .distillation import FitDistillation
 from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup
-from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evolution import Evolution
-from .finetune import FinetuneStep
-from .training import EpochLoop
-from .files import remove_stale_temporaries
+from .files import remove_stale_temporaries, torch_bytes
+from .finetune import FinetuneStep, FitFinetuning
 from .forgetting import for_model, from_settings, settings_of
+from .manifest import DamagedFile
 from .models import output_features, resolve_model
 from .rundir import RunDirectory
 from .shape import Selection, SlimmingLoss, learned_split
 from .slim import fit_shaped, fit_sized, slice_fit
 from .split import Split, split as make_split
+from .training import EpochLoop
 from .weights import load_weights
 
 
@@ -80,8 +80,19 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         >>> # loop = build(config, run_dir="runs/a", callbacks=[progress]); loop.run()
     """
     run_dir = RunDirectory(run_dir) if run_dir is not None else None
+    try:
+        return _build(config, data, run_dir, resume, device, precision, channels_last, compile_model, callbacks)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.unlock()  # held from here to the end of the run: a run that never starts lets go
+        raise
+
+
+def _build(config, data, run_dir, resume, device, precision, channels_last, compile_model, callbacks) -> Evolution:
     with distributed.fail_together(KecompressError, OSError):  # what one rank finds ends every rank
         if run_dir is not None and distributed.is_main():  # first: before the data set is read
+            if resume and run_dir.path.is_dir():  # one writer: held until the run ends
+                run_dir.lock()
             check_run_dir(run_dir, resume)
         check_fit_only(config)
         check_edge_popup(config)
@@ -126,19 +137,33 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
     learned = Split(config.split, config.rate, config.seed, align=config.align) \
         if config.split in EDGE_POPUP_METHODS else None
 
+    def drawn_split() -> Split:
+        rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
+        return make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
+                          align=config.align, grouped=config.grouped)
+
     def split_on_main() -> Split:  # rank 0 owns the run directory; the other ranks get its split
         if resume:
             remove_stale_temporaries(run_dir.path)
-            return learned or run_dir.read_split()
-        rate = 1.0 if config.fit_only else config.rate  # a fit-sized network is all fit
-        new_split = learned or make_split(model, config.split, rate, example_inputs=example_inputs, seed=config.seed,
-                                          align=config.align, grouped=config.grouped)
+            if learned:
+                return learned
+            try:
+                return run_dir.read_split()
+            except DamagedFile:  # drawn again from the seed: used only if byte for byte the one written
+                again = drawn_split()
+                if not run_dir.repair(RunDirectory.SPLIT, torch_bytes(again.to_dict())):
+                    raise
+                return again
+        new_split = learned or drawn_split()
         if selection and not config.fit_only and selection.after == 0:  # from pretrained weights: chosen now
             new_split = selection.choose(model, new_split, example_inputs, _in_order(train_set, config),
                                          _loss(config))
         if new_split.method == "kels":  # a fit that cannot be cut out is refused now, not after the first generation
             slice_fit(model, new_split, example_inputs=example_inputs)
         if run_dir is not None:
+            run_dir.lock()  # a new run's directory exists from here; then refuse one another run began meanwhile
+            check_run_dir(run_dir, resume=False)
+            remove_stale_temporaries(run_dir.path)  # of a start killed half-way
             run_dir.start(config, new_split, None if config.arch else Path(config.model))
             if shaping is not None:
                 run_dir.write_shape(shaping)
@@ -153,7 +178,7 @@ def build(config: RunConfig, data: tuple[Dataset, Dataset, Sequence[str]] | None
         loss_fn = _loss(config)
         device = torch.device(device)
         loop = Evolution(model, the_split, train_loader, val_loader, config.training, loss_fn=loss_fn,
-                         device=device, example_inputs=example_inputs.to(device), run_dir=run_dir and run_dir.path,
+                         device=device, example_inputs=example_inputs.to(device), run_dir=run_dir,
                          callbacks=callbacks, precision=precision, channels_last=channels_last,
                          compile_model=compile_model, fit_batchnorm=config.fit_batchnorm, forgetting=forgetting,
                          fit_distillation=FitDistillation(**config.distill_fit) if config.distill_fit else None,
@@ -348,6 +373,6 @@ def check_run_dir(run_dir: RunDirectory, resume: bool) -> None:
     if resume:
         if not run_dir.is_run():
             raise KecompressError(f"nothing to resume in {path} (no kecompress run there): run without --resume")
-    elif path.is_dir() and any(path.iterdir()):
+    elif not run_dir.is_free():
         what = "holds a kecompress run" if run_dir.is_run() else "is not empty"
         raise KecompressError(f"--out {path} {what}: pass --resume to continue it, or choose another --out")

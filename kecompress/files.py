@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -110,6 +111,18 @@ def save_torch(obj, path: str | Path) -> None:
     """
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def torch_bytes(obj) -> bytes:
+    """What ``torch.save(obj)`` writes, in memory: its size and digest are known before it goes to disk.
+
+    Example:
+        >>> torch_bytes({"x": torch.ones(2)})[:2]
+        b'PK'
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def save_json(obj, path: str | Path) -> None:
