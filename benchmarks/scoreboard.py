@@ -115,12 +115,15 @@ WELS_ARMS = ("ke", "ke-distill", "llf", "shrink-perturb", "warm-restart", "long"
              "magnitude", "edge-popup")
 DISTILLATION_ARMS = ("distill-from-1", "distill-ramp", "distill-t4-labels")  # only when --arms names them
 AUGMENT_ARMS = tuple(f"augment-{name}" for name in AUGMENTATIONS)  # likewise
+ARM_ORDER = tuple(dict.fromkeys(KELS_ARMS + WELS_ARMS + DISTILLATION_ARMS + AUGMENT_ARMS))  # the tables' rows
 FORGETTING = {"ke": "ke", "llf": "llf", "shrink-perturb": "shrink-perturb", "warm-restart": "none"}
 # The arms whose jobs keep every generation's record, with GenerationProbe's measurements.
 PROBED = (*FORGETTING, "ke-distill", *DISTILLATION_ARMS, "ke-finetune", "long", "long-distill")
 SMALL_KD = FitFinetuning(1, temperature=4.0, kd_weight=0.5)  # Hinton et al.'s usual form; epochs unused here
 BORN_AGAIN = FitFinetuning(1, temperature=1.0, kd_weight=0.5)
-BASELINES = ("small-scratch", "small-kd")  # what a slim network must beat
+# What a slim network must beat; a sparse one, the same weights kept by magnitude after training
+# (and, below, the trained dense network itself: the seed's claim for edge-popup).
+BASELINES = ("small-scratch", "small-kd", "magnitude")
 # The learned arms' shape: channels by BatchNorm scale, one global ranking to the uniform fit's MACs (the
 # default --fit-macs), network slimming's penalty at its paper's CIFAR strength while it is learned.
 LEARNED_SHAPE = {"select": "bn-scale", "widths": "global", "sparsity": 1e-4}
@@ -520,7 +523,8 @@ def table_rows(results: dict) -> list[list[str]]:
     for arm, entry in results["arms"].items():
         per_seed = entry["per_seed"]
         dense = [row["dense_accuracy"] for row in per_seed]
-        rows.append([arm, "-" if None in dense else mean_std(dense), mean_std(fit_values(results, arm)),
+        label = f"{arm} (measured {entry['date']})" if "date" in entry else arm  # kept from an earlier table
+        rows.append([label, "-" if None in dense else mean_std(dense), mean_std(fit_values(results, arm)),
                      f"{mean_of(results, arm, 'train_macs') / 1e12:.2f}",
                      f"{mean_of(results, arm, 'seconds') / 60:.1f}"])
     return rows
@@ -536,12 +540,45 @@ def comparisons(results: dict) -> list[tuple[str, str, str]]:
                 difference, verdict = paired(fit_values(results, arm), fit_values(results, baseline))
                 lines.append((f"{arm} fit − {baseline}", difference, verdict))
     if "long" in results["arms"]:
+        long = [row["dense_accuracy"] for row in results["arms"]["long"]["per_seed"]]
         for arm in results["arms"]:
             if arm != "long" and mean_of(results, arm, "dense_accuracy") is not None:
                 dense = [row["dense_accuracy"] for row in results["arms"][arm]["per_seed"]]
-                long = [row["dense_accuracy"] for row in results["arms"]["long"]["per_seed"]]
                 lines.append((f"{arm} dense − long dense", *paired(dense, long)))
+        if "magnitude" in results["arms"]:  # a WELS table: does a sparse network match the dense one?
+            for arm in results["arms"]:
+                if arm != "long":
+                    lines.append((f"{arm} fit − long dense", *paired(fit_values(results, arm), long)))
     return lines
+
+
+def with_earlier_arms(results: dict, settings: dict, earlier_file: Path) -> dict:
+    """``results`` with the arms of ``earlier_file`` (a data set's JSON, as this script writes it)
+    that this run did not measure, when that file was measured with the very same settings (data,
+    model, epochs, versions, job format): a new arm joins a table without retraining the others.
+    Each arm carries the date it was measured on.
+
+    Example:
+        >>> import tempfile
+        >>> row = {"seed": 0, "dense_accuracy": None, "fit_accuracy": 0.9, "train_macs": 1, "seconds": 1}
+        >>> earlier = Path(tempfile.mkdtemp()) / "digits.json"
+        >>> save_json({"arms": {"a": {"per_seed": [row]}, "b": {"per_seed": [row]}},
+        ...            "measured": {"settings": {"lr": 0.1}, "date": "2026-11-30"}}, earlier)
+        >>> sorted(with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.1}, earlier)["arms"])
+        ['a', 'b']
+        >>> with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.2}, earlier)["arms"]["b"]["date"]
+        Traceback (most recent call last):
+        ...
+        KeyError: 'date'
+    """
+    if not earlier_file.is_file():
+        return results
+    earlier = json.loads(earlier_file.read_text())
+    if earlier["measured"]["settings"] != settings:
+        return results
+    arms = {arm: {"date": earlier["measured"]["date"], **entry} for arm, entry in earlier["arms"].items()
+            if arm not in results["arms"]}
+    return {**results, "arms": {**arms, **results["arms"]}}
 
 
 def verdict_lines(results: dict) -> list[str]:
@@ -615,7 +652,10 @@ def section(name: str, measured: dict) -> list[str]:
         f"{measured['date']} on {measured['machine']}. Command: `{measured['command']}`.",
         "",
         "Test accuracy (%), mean ± std over the seeds; training cost in TMACs (10¹² multiply-accumulates) and "
-        "minutes per seed (one worker thread on the CPU):",
+        "minutes per seed (one worker thread on the CPU"
+        + ("; an arm marked with a date was measured then, with the same settings and seeds, and kept: its "
+           "minutes are wall time, the others' the job's CPU time" if any("date" in entry for entry in results["arms"].values())
+           else "") + "):",
         "",
         *markdown_table(["arm", "dense network", "fit network", "training TMACs", "minutes"], table_rows(results)),
         "Paired differences per seed, in points (mean ± std, then each seed's), and whether beyond two standard errors:",
@@ -712,7 +752,8 @@ def parse_args(argv):
     args.seeds = list(range(args.seeds))
     args.workers = args.workers or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     data_name = Path(args.data).name if args.data else "digits"
-    args.name = args.name or data_name + (f"-noise{round(100 * args.label_noise)}" if args.label_noise else "")
+    args.name = args.name or data_name + (f"-noise{round(100 * args.label_noise)}" if args.label_noise else "") \
+        + ("-wels" if args.split == "wels" else "")
     return args
 
 
@@ -728,6 +769,10 @@ def main(argv=None) -> int:
 
     jobs = run_jobs(args.arms, args.seeds, settings, args.work_dir, args.workers, needs_history=bool(args.question))
     results = results_json(jobs, args.arms, args.seeds)
+    scoreboard = args.out_dir / "scoreboard"
+    if not args.question:
+        results = with_earlier_arms(results, settings, scoreboard / f"{args.name}.json")
+        results["arms"] = dict(sorted(results["arms"].items(), key=lambda item: ARM_ORDER.index(item[0])))
     results["recommended"] = recommend(results)
     first = jobs[args.arms[0], args.seeds[0]]
     measured = {"results": results, "settings": settings, "seeds": args.seeds,
@@ -749,7 +794,6 @@ def main(argv=None) -> int:
         if args.json:
             save_json(results, args.json)
         return 0
-    scoreboard = args.out_dir / "scoreboard"
     scoreboard.mkdir(parents=True, exist_ok=True)
     save_json({**results, "measured": {key: value for key, value in measured.items() if key != "results"}},
               scoreboard / f"{args.name}.json")
