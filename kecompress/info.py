@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .bench import count_macs_params
 from .slim import slice_fit
-from .split import SPLITTABLE_LAYERS, Split, split as make_split, trace_dependency_graph
+from .split import SPLITTABLE_LAYERS, Split, has_grouped_convs, split as make_split, trace_dependency_graph
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class SplitInfo:
     select: str = "first"  # which channels: first, or by importance (kecompress.shape)
     widths: str = "uniform"  # how many per group: uniform, or global to a MAC budget
     uniform_fit_macs: int | None = None  # a learned split: the paper's uniform fit's MACs at the same rate and align
-    grouped: str = "whole-groups"  # a grouped convolution keeps whole groups, or narrows every group
+    grouped: str | None = "whole-groups"  # a grouped convolution keeps whole groups, or narrows every group; None: none
 
     def to_json(self) -> dict:
         values = asdict(self)
@@ -93,7 +93,7 @@ def split_info(model: nn.Module, split: Split, input_shape: tuple[int, ...], run
         uniform_macs, _ = count_macs_params(slice_fit(model, uniform, example_inputs=example), input_shape)
     return SplitInfo(split.method, split.rate, tuple(input_shape), groups, layers, dense_parameters,
                      split.fit_parameters(model), split.fit_fraction(), dense_macs, fit_macs, run or {}, split.align,
-                     split.select, split.widths, uniform_macs, split.grouped)
+                     split.select, split.widths, uniform_macs, split.grouped if has_grouped_convs(model) else None)
 
 
 def _layer_split(name: str, module: nn.Module, mask: torch.Tensor, method: str) -> LayerSplit:
@@ -128,7 +128,7 @@ def info_view(info: SplitInfo, title: str):
              f"of the split's parameters (rate² = {info.rate ** 2:.1%})",
              f"parameters: dense {info.dense_parameters:,}, fit {info.fit_parameters:,} "
              f"({info.fit_parameters / info.dense_parameters:.1%})"]
-    if info.method == "kels":
+    if info.method == "kels" and info.grouped:
         lines += [f"grouped convolutions: {info.grouped} ("
                   + ("a rate share of the groups, each at full width)" if info.grouped == "whole-groups"
                      else "every group, each narrowed to a rate share of its width)")]

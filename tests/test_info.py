@@ -66,6 +66,12 @@ def test_info_shows_how_grouped_convolutions_are_cut(grouped, fit, capsys):
     assert f"grouped convolutions: {grouped} (" in printed
 
 
+def test_info_says_nothing_of_grouped_convolutions_a_model_does_not_have(capsys):
+    assert main(["info", "resnet18", "--num-classes", "10", "--input-size", "32"]) == 0
+    assert "grouped convolutions" not in capsys.readouterr().out
+    assert info_json(capsys, "resnet18", "--num-classes", "10", "--input-size", "32")["grouped"] is None
+
+
 def test_info_refuses_an_unknown_grouped_rule_in_one_line(capsys):
     status = main(["info", "regnet_x_400mf", "--grouped", "wide"])
     err = capsys.readouterr().err
