@@ -29,7 +29,7 @@ from .charts import plot_generations
 from .config import FIT_BATCHNORM, RunConfig, TrainingConfig, processes
 from .data import FOLDER_IMAGE_SIZE, demo_datasets, image_folder_datasets, without_augmentation
 from .distillation import FitDistillation
-from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup, learned_split, plain_network
+from .edge_popup import EDGE_POPUP_METHODS, apply_edge_popup, plain_network, scores_split
 from .finetune import FitFinetuning
 from .errors import KecompressError
 from .evaluation import parameter_count
@@ -44,6 +44,7 @@ from .node_kinds import CONV_KINDS
 from .quantize import (CALIBRATION_IMAGES, INT8_PAIR_FILES, LOSING_KINDS, MAX_ACCURACY_DROP, calibration_subset,
                        check_keep_fp32, quantize_pair)
 from .report import RichProgress, finetune_line, generations_table
+from .manifest import DamagedFile
 from .rundir import RunDirectory, RunNote, load_fit
 from .runfile import evolve_defaults, read_run_file, run_file_text
 from .shape import SELECTIONS, WIDTHS, learned_split
@@ -235,7 +236,7 @@ def evolve(model, split_method, rate, align, grouped, generations, epochs, data,
         distillation = FitDistillation(distill_temperature, distill_weight, distill_label_weight, distill_start,
                                        distill_ramp) if distill_fit else None
         if grouped is None:  # a run made before --grouped existed narrowed its groups: it resumes as it was made
-            grouped = RunDirectory(out).read_config().grouped if resume and RunDirectory(out).is_run() else "whole-groups"
+            grouped = _grouped_of(RunDirectory(out)) if resume else "whole-groups"
     config = RunConfig(model=model, num_classes=num_classes, weights=str(weights.resolve()) if weights else None,
                        split=split_method, rate=rate, align=align, grouped=grouped, seed=seed,
                        data=str(data.resolve()) if data else None, image_size=image_size,
@@ -365,6 +366,15 @@ def _note_other_world_size(ctx: click.Context) -> None:
     if world_size and world_size != distributed.world_size():
         _print_on_main(f"note: {path} was trained by {processes(world_size)} and this run has "
                        f"{processes(distributed.world_size())}: a step's images differ, so will the results")
+
+
+def _grouped_of(run_dir: RunDirectory) -> str:
+    """How the run in ``run_dir`` cuts grouped convolutions; a new run's default where it has no
+    readable configuration (a damaged config.json is made again, or refused, when the run resumes)."""
+    try:
+        return run_dir.read_config().grouped if run_dir.is_run() else "whole-groups"
+    except DamagedFile:
+        return "whole-groups"
 
 
 def _forgetting(name: str, forget_from: str | None, shrink: float | None, perturb: float | None) -> dict:
@@ -682,7 +692,7 @@ def _edge_popup_checkpoint(run_dir: RunDirectory, config, dense, example):
             dense.load_state_dict(state["model"])
         except (KeyError, RuntimeError) as error:
             raise run_dir.unusable_checkpoint(error) from None
-    return plain_network(dense, keep_masked=False).eval(), learned_split(dense, config.rate, config.seed)
+    return plain_network(dense, keep_masked=False).eval(), scores_split(dense, config.rate, config.seed)
 
 
 def _refuse_torchrun(command: str) -> None:

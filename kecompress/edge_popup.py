@@ -12,8 +12,8 @@ weights, frozen, never change.
   pruning_method=EdgePopup, amount=...)`` keeps the global top-k of the importance scores it is given.
 * :func:`edge_popup_channels`: kernel level: a score per output channel of every coupled channel
   group (the groups of :func:`kecompress.split`'s KELS), the same number of channels kept as KELS
-  keeps; :func:`learned_split` turns it into a KELS split that :func:`kecompress.slice_fit` cuts out.
-* :func:`apply_edge_popup`, :func:`plain_network`, :func:`learned_split`: a whole model, as a run
+  keeps; :func:`scores_split` turns it into a KELS split that :func:`kecompress.slice_fit` cuts out.
+* :func:`apply_edge_popup`, :func:`plain_network`, :func:`scores_split`: a whole model, as a run
   (``kecompress evolve --split edge-popup``) trains it.
 
 Like every pruning hook, the mask is applied on every forward pass: to run the found network,
@@ -308,7 +308,7 @@ def edge_popup_channels(model: nn.Module, rate: float, example_inputs=None, alig
     network has the KELS fit's shapes and MACs; per block for grouped convolutions), in every layer
     that shares them. Conv and linear weights are set to the signed Kaiming constant (unless
     ``signed_constant=False``) and every parameter but the scores is frozen.
-    :func:`learned_split` gives the KELS split the scores choose, which
+    :func:`scores_split` gives the KELS split the scores choose, which
     :func:`kecompress.slice_fit` cuts out of :func:`plain_network`.
 
     Args:
@@ -449,7 +449,7 @@ def apply_edge_popup(model: nn.Module, method: str, rate: float, example_inputs=
     return model
 
 
-def learned_split(model: nn.Module, rate: float, seed: int = 0) -> Split:
+def scores_split(model: nn.Module, rate: float, seed: int = 0) -> Split:
     r"""The split the scores of an edge-popup model choose now, over the parameter names of its
     :func:`plain_network`: a WELS-style split (``method="wels"``, the masks of the conv and linear
     weights) for the weight level, a KELS split for the kernel level, which
@@ -457,7 +457,7 @@ def learned_split(model: nn.Module, rate: float, seed: int = 0) -> Split:
 
     Example:
         >>> net = apply_edge_popup(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "edge-popup-kels", 0.5)
-        >>> s = learned_split(net, 0.5)
+        >>> s = scores_split(net, 0.5)
         >>> s.method, sorted(s.masks), int(s.masks["0.weight"].sum())
         ('kels', ['0.bias', '0.weight', '2.bias', '2.weight'], 16)
     """
@@ -533,7 +533,7 @@ def found_network(model: nn.Module, rate: float, example_inputs=None) -> nn.Modu
     """
     from .slim import slice_fit  # slim measures runs through this module
 
-    the_split = learned_split(model, rate)
+    the_split = scores_split(model, rate)
     plain = plain_network(model)
     return slice_fit(plain, the_split, example_inputs) if the_split.method == "kels" else plain
 

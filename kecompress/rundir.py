@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from . import manifest, runlock
 from .config import RunConfig, TrainingConfig
-from .edge_popup import EDGE_POPUP_METHODS, learned_split, plain_network
+from .edge_popup import EDGE_POPUP_METHODS, plain_network, scores_split
 from .errors import KecompressError
 from .files import atomic_path, save_torch, torch_bytes
 from .forgetting import describe
@@ -371,7 +371,7 @@ class RunDirectory:
             >>> # RunDirectory("runs/a").save_final(model, loop.fit, split, config, (3, 32, 32))
         """
         if split.method in EDGE_POPUP_METHODS:
-            split = learned_split(model, split.rate, split.seed)
+            split = scores_split(model, split.rate, split.seed)
             self._write(self.SPLIT, torch_bytes(split.to_dict()))
             model = plain_network(model, keep_masked=False)
         self._write(self.DENSE, torch_bytes(model.state_dict()))

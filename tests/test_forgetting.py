@@ -252,8 +252,9 @@ def test_a_run_of_an_earlier_version_reads_as_kes_reset(tmp_path, monkeypatch, c
     assert "differs in forget" in capsys.readouterr().err
     # a Python run of that version wrote no config.json: its checkpoint is compared, and it ran KE's reset
     shutil.copytree(LANDED / "landed_python_run", "python")
+    python_run = small_run(WarmRestart())
     with pytest.raises(KecompressError, match="differs in forget"):
-        RunDirectory("python").check_same_run(small_run(WarmRestart()).run_config)
+        RunDirectory("python").check_same_run(python_run.run_config, python_run.model)
 
 
 def test_settings_round_trip_through_the_run_configuration():
