@@ -80,8 +80,8 @@ def slice_fit_shape(model: nn.Module, split: Split, example_inputs=None) -> nn.M
     Nothing is copied and nothing computed but shapes, so it is several times faster than
     :func:`slice_fit`: for counting the fit's MACs and parameters
     (:func:`kecompress.bench.count_macs_params`, which gives the same counts as for the real fit),
-    as choosing a learned shape does. Unlike :func:`slice_fit` it does not check that the cut
-    network computes what the masks keep; it does not run.
+    as choosing a learned shape does. Unlike :func:`slice_fit` it checks only that every cut
+    parameter keeps as many entries as its mask (not which ones), and does not run the network.
 
     Example:
         >>> import torch, torchvision, kecompress
@@ -98,7 +98,11 @@ def slice_fit_shape(model: nn.Module, split: Split, example_inputs=None) -> nn.M
     dense = copy.deepcopy(model, memo)
     inputs = example_inputs.to("meta") if isinstance(example_inputs, torch.Tensor) else \
         type(example_inputs)(tensor.to("meta") for tensor in example_inputs)
-    return _cut(dense, copy.deepcopy(dense), split, inputs)
+    fit = _cut(dense, copy.deepcopy(dense), split, inputs)
+    for name, param in fit.named_parameters():
+        if param.numel() != int(split.masks[name].sum()):
+            raise _uncuttable_mask(name)
+    return fit
 
 
 def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,8 +209,12 @@ def _check_cut_matches_masks(model: nn.Module, fit: nn.Module, split: Split) -> 
     dense = dict(model.named_parameters())
     for name, param in fit.named_parameters():
         if not torch.equal(dense[name].detach()[split.masks[name]], param.detach().flatten()):
-            raise KecompressError(f"the split's mask of '{name}' resets entries that slicing cannot cut (the "
-                                  "model's input channels, say, which belong to no coupled group): keep them in the fit")
+            raise _uncuttable_mask(name)
+
+
+def _uncuttable_mask(name: str) -> KecompressError:
+    return KecompressError(f"the split's mask of '{name}' resets entries that slicing cannot cut (the "
+                           "model's input channels, say, which belong to no coupled group): keep them in the fit")
 
 
 def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchnorm: str = "re-estimated",

@@ -197,3 +197,12 @@ def test_the_weightless_shape_counts_the_same_macs_and_parameters_as_the_sliced_
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # the model is left as it was
     assert count_macs_params(shape, tuple(x.shape[1:])) == \
         count_macs_params(kecompress.slice_fit(model, s, example_inputs=x), tuple(x.shape[1:]))
+
+
+def test_the_weightless_shape_refuses_a_mask_slicing_cannot_cut():
+    model = build("resnet18")
+    x = example_input("resnet18")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x)
+    s.masks["conv1.weight"][:, 0] = False  # the model's input channel, in no coupled group
+    with pytest.raises(KecompressError, match="'conv1.weight' resets entries that slicing cannot cut"):
+        kecompress.slim.slice_fit_shape(model, s, example_inputs=x)
