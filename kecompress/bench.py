@@ -154,24 +154,27 @@ class Int8Latency(_DenseFitLatency):
             row[f"ort_int8_{name}_written"] = choice.written
         return row
 
-    def describe(self, batch_size: int) -> list[str]:
-        """A line per network on what INT8 kept in fp32, or that no INT8 network beats fp32.
+    def describe(self, batch_size: int, fp32: RuntimeLatency) -> list[str]:
+        """A line per network: what INT8 kept in fp32 and how fast it ran against ``fp32`` (the fp32
+        networks' latency, timed with it), or that no INT8 network beats fp32.
 
         Example:
             >>> kept = Int8Speed(("depthwise",), 2.0, 1.6, written=True)
             >>> slower = Int8Speed(("depthwise", "small-1x1"), 2.0, 2.5, written=False)
-            >>> for line in Int8Latency.measured([1.8], None, 2.0, kept, slower).describe(1):
+            >>> fp32 = RuntimeLatency(2.0, 2.2, 1.0, 1.1, 2.0, 0.5)
+            >>> for line in Int8Latency.measured([1.6], None, 2.0, kept, slower).describe(1, fp32):
             ...     print(line)
-            batch 1 INT8 dense: depthwise convolutions kept in fp32 (1.25x the fp32 speed in export's check)
+            batch 1 INT8 dense: 1.60 ms against fp32 2.00 ms, 1.25x its speed (export's check: 1.25x), depthwise convolutions kept in fp32
             batch 1 INT8 fit: none, no INT8 network beats fp32 on this CPU (at best 0.80x its speed, with depthwise, small-1x1 convolutions kept in fp32): export --int8 writes none, so none is timed
         """
         lines = []
-        for name, choice in (("dense", self.dense_choice), ("fit", self.fit_choice)):
+        for name, choice, int8_ms, fp32_ms in (("dense", self.dense_choice, self.dense_median_ms, fp32.dense_median_ms),
+                                               ("fit", self.fit_choice, self.fit_median_ms, fp32.fit_median_ms)):
             kept = (f"{', '.join(choice.kept_fp32)} convolutions kept in fp32" if choice.kept_fp32
                     else "every kind quantised")
             if choice.written:
-                lines.append(f"batch {batch_size} INT8 {name}: {kept} ({choice.speedup:.2f}x the fp32 speed in "
-                             "export's check)")
+                lines.append(f"batch {batch_size} INT8 {name}: {int8_ms:.2f} ms against fp32 {fp32_ms:.2f} ms, "
+                             f"{fp32_ms / int8_ms:.2f}x its speed (export's check: {choice.speedup:.2f}x), {kept}")
             else:
                 lines.append(f"batch {batch_size} INT8 {name}: none, no INT8 network beats fp32 on this CPU (at best "
                              f"{choice.speedup:.2f}x its speed, with {kept}): export --int8 writes none, so none "

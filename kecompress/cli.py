@@ -630,7 +630,7 @@ def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, 
         console.print(describe_split(the_split))
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
         for row in result.results:
-            for line in row.int8.describe(row.batch_size) if row.int8 else ():
+            for line in row.int8.describe(row.batch_size, row.onnxruntime) if row.int8 else ():
                 console.print(line)
 
 

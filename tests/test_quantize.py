@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import onnxruntime as ort
 import pytest
@@ -221,9 +222,15 @@ def test_a_bad_int8_keep_fp32_is_one_line(argv, message, tmp_path, capsys):
 def test_bench_times_the_int8_networks_export_writes(capsys, monkeypatch):
     # the same rule as export: INT8 loses until the depthwise convolutions stay in fp32
     monkeypatch.setattr(quantize, "time_fp32_int8", slower_unless_depthwise_is_fp32)
-    status, stdout, err = run(capsys, "bench", "mobilenet_v3_small", "--input-size", "32", "--int8", "--json",
-                              "--runtime", "onnxruntime", "--exporter", "torchscript", "--calibration-images", "4",
-                              "--warmup", "0", "--runs", "2")
+    argv = ["bench", "mobilenet_v3_small", "--input-size", "32", "--int8", "--runtime", "onnxruntime",
+            "--exporter", "torchscript", "--calibration-images", "4", "--warmup", "0", "--runs", "2"]
+    status, stdout, err = run(capsys, *argv)
+    assert status == 0, err
+    printed = " ".join(stdout.split())
+    for name in ("dense", "fit"):
+        assert re.search(rf"batch 1 INT8 {name}: [\d.]+ ms against fp32 [\d.]+ ms, [\d.]+x its speed "
+                         r"\(export's check: 1.25x\), depthwise convolutions kept in fp32", printed), printed
+    status, stdout, err = run(capsys, *argv, "--json")
     assert status == 0, err
     row = json.loads(stdout)["results"][0]
     for name in ("dense", "fit"):
