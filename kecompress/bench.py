@@ -145,13 +145,15 @@ class Int8Latency(_DenseFitLatency):
 
     def to_json(self) -> dict:
         """``int8_ort_speedup`` beside the fp32 ``ort_speedup``, the rest prefixed ``ort_int8_``; per
-        network the kinds kept in fp32 and whether an INT8 network beat fp32 (``..._written``)."""
+        network the kinds kept in fp32, whether an INT8 network beat fp32 (``..._written``) and the best
+        INT8 network's speed over fp32 in export's check (``..._check_speedup``)."""
         row = {"int8_ort_speedup": self.speedup, "int8_ort_dense_speedup": self.dense_speedup,
                **{f"ort_int8_{item.name}": getattr(self, item.name) for item in fields(self)
                   if item.name.endswith("_ms")}}
         for name, choice in (("dense", self.dense_choice), ("fit", self.fit_choice)):
             row[f"ort_int8_{name}_kept_fp32"] = list(choice.kept_fp32)
             row[f"ort_int8_{name}_written"] = choice.written
+            row[f"ort_int8_{name}_check_speedup"] = choice.speedup
         return row
 
     def describe(self, batch_size: int, fp32: RuntimeLatency) -> list[str]:

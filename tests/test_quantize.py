@@ -235,7 +235,7 @@ def test_bench_times_the_int8_networks_export_writes(capsys, monkeypatch):
     row = json.loads(stdout)["results"][0]
     for name in ("dense", "fit"):
         assert row[f"ort_int8_{name}_written"] and row[f"ort_int8_{name}_kept_fp32"] == ["depthwise"]
-        assert row[f"ort_int8_{name}_median_ms"] > 0
+        assert row[f"ort_int8_{name}_median_ms"] > 0 and row[f"ort_int8_{name}_check_speedup"] == 1.25
     assert row["int8_ort_speedup"] == pytest.approx(row["ort_dense_median_ms"] / row["ort_int8_fit_median_ms"])
 
 
