@@ -326,6 +326,8 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
                                   "(--runtime onnxruntime)")
         int8_calibration = calibration_subset(int8_calibration, calibration_images)
         int8_keep_fp32 = None if int8_keep_fp32 is None else check_keep_fp32(int8_keep_fp32)
+    elif int8_keep_fp32 is not None:
+        raise KecompressError("int8_keep_fp32 chooses what INT8 leaves in fp32: pass int8_calibration too, or drop it")
     dense_cost = NetworkCost(*count_macs_params(dense, input_shape))
     fit_cost = NetworkCost(*count_macs_params(fit, input_shape))
     macs_ratio = dense_cost.macs / fit_cost.macs
