@@ -49,7 +49,8 @@ CALIBRATION_IMAGES = 32
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FP32_HEADER = ["model", "align", "MACs dense", "MACs fit", "MAC ratio", "fp32 dense ms", "fp32 fit ms",
                "fp32 speedup", "efficiency"]
-INT8_HEADER = ["INT8 dense ms", "INT8 fit ms", "fp32 / INT8 dense", "fp32 dense / INT8 fit", "fp32 fit / INT8 fit"]
+INT8_HEADER = ["INT8 dense ms", "INT8 fit ms", "fp32 / INT8 dense", "fp32 dense / INT8 fit", "fp32 fit / INT8 fit",
+               "INT8 fit keeps in fp32"]
 LOAD_HEADER = ["load", "others' CPUs"]
 
 
@@ -146,11 +147,15 @@ def cells(row: Row, int8: bool) -> list[str]:
             f"{latency.macs_ratio:.2f}x", ms(fp32.dense_median_ms, fp32.dense_p90_ms),
             ms(fp32.fit_median_ms, fp32.fit_p90_ms), f"{fp32.speedup:.2f}x", f"{fp32.efficiency:.2f}"]
     if int8:
+        # the networks export --int8 writes; where no INT8 network beats fp32 it writes none
         quantized = latency.int8
-        line += [ms(quantized.dense_median_ms, quantized.dense_p90_ms),
-                 ms(quantized.fit_median_ms, quantized.fit_p90_ms),
-                 f"{quantized.dense_speedup:.2f}x", f"{quantized.speedup:.2f}x",
-                 f"{fp32.fit_median_ms / quantized.fit_median_ms:.2f}x"]
+        kept = quantized.fit_choice.kept_fp32
+        line += [ms(quantized.dense_median_ms, quantized.dense_p90_ms) if quantized.dense_choice.written else "none",
+                 ms(quantized.fit_median_ms, quantized.fit_p90_ms) if quantized.fit_choice.written else "none",
+                 f"{quantized.dense_speedup:.2f}x" if quantized.dense_choice.written else "-",
+                 f"{quantized.speedup:.2f}x" if quantized.fit_choice.written else "-",
+                 f"{fp32.fit_median_ms / quantized.fit_median_ms:.2f}x" if quantized.fit_choice.written else "-",
+                 (", ".join(kept) or "nothing") if quantized.fit_choice.written else "INT8 slower than fp32"]
     return line + [f"{row.load:.1f}", "-" if row.others is None else f"{row.others:.2f}"]
 
 
@@ -191,7 +196,7 @@ def int8_target_rows(rows: list[Row]) -> list[list[str]]:
     lines = []
     for model, (over_fit, over_dense) in INT8_TARGETS.items():
         row = next((row for row in rows if row.model == model and row.threads == 1 and row.align == 1), None)
-        if row and row.latency.int8:
+        if row and row.latency.int8 and row.latency.int8.fit_choice.written:
             fp32, quantized = row.latency.onnxruntime, row.latency.int8
             lines.append([model, verdict(fp32.fit_median_ms / quantized.fit_median_ms, over_fit, "x", 2),
                           verdict(quantized.speedup, over_dense, "x", 2)])
@@ -218,7 +223,9 @@ def write_markdown(path: Path, rows: list[Row], timings: list[dict], args, comma
         f"{args.warmup} warm-up and {args.runs} timed runs of each network"
         + (", the fp32 and INT8 dense and fit networks all four interleaved. INT8: static, QDQ, per-channel int8 "
            f"weights, uint8 activations, the classifier in fp32, calibrated on {CALIBRATION_IMAGES} bundled digits "
-           "images (`kecompress bench --int8`)." if args.int8 else ", dense and fit interleaved.")
+           "images (`kecompress bench --int8`); the networks `export --int8` writes: the kinds of convolutions "
+           "that lose kept in fp32 one by one while INT8 runs slower, and no INT8 network (`none`) where it "
+           "stays slower." if args.int8 else ", dense and fit interleaved.")
         + " Latency in ms, median / 90th percentile"
         + ("" if args.wall_clock else ": at 1 thread the CPU time of the thread that runs the network "
            "(`--clock thread`), which leaves out the time other jobs on this shared machine take its core away; "
@@ -279,7 +286,7 @@ def write_chart(path: Path, rows: list[Row], args) -> None:
                f"onnxruntime turns into speed ({threads} thread, batch 1, {INPUT_SHAPE[1]} px)")]
     if args.int8:
         panels.append(("fp32 fit ms / INT8 fit ms", lambda row: row.latency.onnxruntime.fit_median_ms
-                       / row.latency.int8.fit_median_ms, 1.0, "no gain",
+                       / row.latency.int8.fit_median_ms if row.latency.int8.fit_median_ms else 0.0, 1.0, "no gain",
                        {model: over_fit for model, (over_fit, _) in INT8_TARGETS.items()},
                        f"INT8 fit vs fp32 fit ({describe_cpu_flags(rows[0].result.machine['cpu_flags'])})"))
     width = 0.8 / len(args.align)

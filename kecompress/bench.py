@@ -8,8 +8,11 @@ At 1 thread the clock can be the running thread's CPU time instead of the wall c
 machine shared with other jobs, the time they take the core away is then left out.
 
 With INT8 (:mod:`kecompress.quantize`), onnxruntime also times the static INT8 dense and fit
-networks, interleaved with the fp32 ones; INT8 speed depends on the CPU's integer instructions
-(AVX2, AVX-512, VNNI), so the machine's description lists them (:func:`cpu_instruction_sets`).
+networks, interleaved with the fp32 ones: the networks ``kecompress export --int8`` writes, chosen
+by the same rule (:func:`~kecompress.quantize.quantize_no_slower`: losing kinds of convolutions kept
+in fp32 until INT8 is no slower, or no INT8 network at all, and then none is timed). INT8 speed
+depends on the CPU's integer instructions (AVX2, AVX-512, VNNI), so the machine's description lists
+them (:func:`cpu_instruction_sets`).
 
 Only a KELS fit is worth timing: a WELS fit is the dense network with zeros in it, and dense
 runtimes (onnxruntime, PyTorch) multiply zeros as fast as any other number, at dense speed.
@@ -24,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -36,7 +40,7 @@ from torch.utils.data import Dataset
 from .errors import KecompressError
 from .evaluation import eval_mode
 from .export import DEFAULT_EXPORTER, INPUT_NAME, check_exporter, example_input, export_onnx, onnx_session
-from .quantize import CALIBRATION_IMAGES, calibration_subset, quantize_int8
+from .quantize import CALIBRATION_IMAGES, Int8Speed, calibration_subset, check_keep_fp32, quantize_no_slower
 
 RUNTIMES = ("onnxruntime", "torch")
 # onnxruntime's idle intra-op threads keep spinning for tens of milliseconds after a run; with
@@ -112,27 +116,78 @@ class RuntimeLatency(_DenseFitLatency):
 
 @dataclass(frozen=True)
 class Int8Latency(_DenseFitLatency):
-    """Latency of the static INT8 dense and fit networks in onnxruntime, in milliseconds.
+    """Latency of the static INT8 dense and fit networks in onnxruntime, in milliseconds: the
+    networks ``export --int8`` writes (``dense_choice`` and ``fit_choice``, each an
+    :class:`~kecompress.quantize.Int8Speed`, say which kinds stay in fp32). Where no INT8 network
+    beats fp32, export writes none and none is timed: its times and speedup are None.
 
     Example:
-        >>> Int8Latency.measured([4.0, 5.0], [1.0, 1.5], fp32_dense_median_ms=8.0).speedup
+        >>> chosen = Int8Speed((), 8.0, 4.0, written=True)
+        >>> Int8Latency.measured([4.0, 5.0], [1.0, 1.5], 8.0, chosen, chosen).speedup
         6.4
+        >>> Int8Latency.measured(None, [1.0], 8.0, Int8Speed((), 8.0, 9.0, written=False), chosen).dense_speedup is None
+        True
     """
 
-    speedup: float  # fp32 dense median / INT8 fit median: what deploying the INT8 fit gains
-    dense_speedup: float  # fp32 dense median / INT8 dense median: what INT8 alone gains
+    speedup: float | None  # fp32 dense median / INT8 fit median: what deploying the INT8 fit gains
+    dense_speedup: float | None  # fp32 dense median / INT8 dense median: what INT8 alone gains
+    dense_choice: Int8Speed
+    fit_choice: Int8Speed
 
     @classmethod
-    def measured(cls, dense_ms: list[float], fit_ms: list[float], fp32_dense_median_ms: float) -> "Int8Latency":
-        """The medians, 90th percentiles and speedups of timed runs."""
-        times = _medians_and_p90s(dense_ms, fit_ms)
-        return cls(*times, fp32_dense_median_ms / times[2], fp32_dense_median_ms / times[0])
+    def measured(cls, dense_ms: list[float] | None, fit_ms: list[float] | None, fp32_dense_median_ms: float,
+                 dense_choice: Int8Speed, fit_choice: Int8Speed) -> "Int8Latency":
+        """The medians, 90th percentiles and speedups of timed runs (None for a network not timed)."""
+        dense = _median_and_p90(dense_ms)
+        fit = _median_and_p90(fit_ms)
+        return cls(*dense, *fit, fp32_dense_median_ms / fit[0] if fit_ms else None,
+                   fp32_dense_median_ms / dense[0] if dense_ms else None, dense_choice, fit_choice)
 
     def to_json(self) -> dict:
-        """``int8_ort_speedup`` beside the fp32 ``ort_speedup``, the rest prefixed ``ort_int8_``."""
-        return {"int8_ort_speedup": self.speedup, "int8_ort_dense_speedup": self.dense_speedup,
-                **{f"ort_int8_{item.name}": getattr(self, item.name) for item in fields(self)
-                   if item.name.endswith("_ms")}}
+        """``int8_ort_speedup`` beside the fp32 ``ort_speedup``, the rest prefixed ``ort_int8_``; per
+        network the kinds kept in fp32, whether an INT8 network beat fp32 (``..._written``) and the best
+        INT8 network's speed over fp32 in export's check (``..._check_speedup``)."""
+        row = {"int8_ort_speedup": self.speedup, "int8_ort_dense_speedup": self.dense_speedup,
+               **{f"ort_int8_{item.name}": getattr(self, item.name) for item in fields(self)
+                  if item.name.endswith("_ms")}}
+        for name, choice in (("dense", self.dense_choice), ("fit", self.fit_choice)):
+            row[f"ort_int8_{name}_kept_fp32"] = list(choice.kept_fp32)
+            row[f"ort_int8_{name}_written"] = choice.written
+            row[f"ort_int8_{name}_check_speedup"] = choice.speedup
+        return row
+
+    def describe(self, batch_size: int, fp32: RuntimeLatency) -> list[str]:
+        """A line per network: what INT8 kept in fp32 and how fast it ran against ``fp32`` (the fp32
+        networks' latency, timed with it), or that no INT8 network beats fp32.
+
+        Example:
+            >>> kept = Int8Speed(("depthwise",), 2.0, 1.6, written=True)
+            >>> slower = Int8Speed(("depthwise", "small-1x1"), 2.0, 2.5, written=False)
+            >>> fp32 = RuntimeLatency(2.0, 2.2, 1.0, 1.1, 2.0, 0.5)
+            >>> for line in Int8Latency.measured([1.6], None, 2.0, kept, slower).describe(1, fp32):
+            ...     print(line)
+            batch 1 INT8 dense: 1.60 ms against fp32 2.00 ms, 1.25x its speed (export's check: 1.25x), depthwise convolutions kept in fp32
+            batch 1 INT8 fit: none, no INT8 network beats fp32 on this CPU (at best 0.80x its speed, with depthwise, small-1x1 convolutions kept in fp32): export --int8 writes none, so none is timed
+        """
+        lines = []
+        for name, choice, int8_ms, fp32_ms in (("dense", self.dense_choice, self.dense_median_ms, fp32.dense_median_ms),
+                                               ("fit", self.fit_choice, self.fit_median_ms, fp32.fit_median_ms)):
+            kept = (f"{', '.join(choice.kept_fp32)} convolutions kept in fp32" if choice.kept_fp32
+                    else "every kind quantised")
+            if choice.written:
+                lines.append(f"batch {batch_size} INT8 {name}: {int8_ms:.2f} ms against fp32 {fp32_ms:.2f} ms, "
+                             f"{fp32_ms / int8_ms:.2f}x its speed (export's check: {choice.speedup:.2f}x), {kept}")
+            else:
+                lines.append(f"batch {batch_size} INT8 {name}: none, no INT8 network beats fp32 on this CPU (at best "
+                             f"{choice.speedup:.2f}x its speed, with {kept}): export --int8 writes none, so none "
+                             "is timed")
+        return lines
+
+
+def _median_and_p90(milliseconds: list[float] | None) -> tuple[float | None, float | None]:
+    if not milliseconds:
+        return None, None
+    return float(np.median(milliseconds)), float(np.percentile(milliseconds, 90))
 
 
 @dataclass(frozen=True)
@@ -206,7 +261,9 @@ class LatencyResult:
 def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224), batch_sizes=(1,),
                     runtimes=RUNTIMES, threads: int = 2, warmup: int = 10, runs: int = 50,
                     exporter: str = DEFAULT_EXPORTER, int8_calibration: Dataset | None = None,
-                    calibration_images: int = CALIBRATION_IMAGES, clock: str = "wall") -> LatencyResult:
+                    calibration_images: int = CALIBRATION_IMAGES, clock: str = "wall",
+                    int8_keep_fp32: Sequence[str] | None = None,
+                    int8_timer: Callable[[Path, Path, np.ndarray], tuple[float, float]] | None = None) -> LatencyResult:
     """Time the dense and the fit network on the CPU, interleaved, in each runtime.
 
     For onnxruntime both networks are exported (static shapes, the exporter's default opset) to a temporary
@@ -216,8 +273,11 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
     they run eagerly in eval mode under ``torch.inference_mode`` with
     ``torch.set_num_threads(threads)``; the previous thread count and the models' train/eval
     modes are restored afterwards. With ``int8_calibration``, onnxruntime also times the static
-    INT8 dense and fit networks (:func:`kecompress.quantize.quantize_int8`, calibrated on a seeded
-    sample of ``calibration_images`` of it), all four interleaved. With ``clock="thread"`` (1
+    INT8 dense and fit networks that ``kecompress export --int8`` writes, all four interleaved:
+    :func:`kecompress.quantize.quantize_no_slower`, calibrated on a seeded sample of
+    ``calibration_images`` of it, keeps losing kinds of convolutions in fp32 while INT8 runs slower
+    (its own 1-thread check, at each batch size), and a network of which no INT8 version beats
+    fp32 has no INT8 time. With ``clock="thread"`` (1
     thread only) a run's time is the CPU time of the thread that ran it: what a core of its own
     would take, on a machine where other processes also want the cores.
 
@@ -234,6 +294,9 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         int8_calibration: training images to calibrate INT8 networks on, or None for no INT8.
         calibration_images: the most of them to calibrate on.
         clock: ``"wall"`` (elapsed time) or ``"thread"`` (the running thread's CPU time, 1 thread only).
+        int8_keep_fp32: the kinds of convolutions INT8 keeps in fp32 (as ``--int8-keep-fp32``), or None
+            to choose them by timing.
+        int8_timer: the INT8 speed check's timer (:func:`kecompress.quantize.quantize_no_slower`).
 
     Returns:
         A :class:`LatencyResult`: the machine (processor, cpu count, versions, threads), the
@@ -262,6 +325,9 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
             raise KecompressError("INT8 networks are timed in onnxruntime: add it to the runtimes "
                                   "(--runtime onnxruntime)")
         int8_calibration = calibration_subset(int8_calibration, calibration_images)
+        int8_keep_fp32 = None if int8_keep_fp32 is None else check_keep_fp32(int8_keep_fp32)
+    elif int8_keep_fp32 is not None:
+        raise KecompressError("int8_keep_fp32 chooses what INT8 leaves in fp32: pass int8_calibration too, or drop it")
     dense_cost = NetworkCost(*count_macs_params(dense, input_shape))
     fit_cost = NetworkCost(*count_macs_params(fit, input_shape))
     macs_ratio = dense_cost.macs / fit_cost.macs
@@ -271,17 +337,20 @@ def measure_latency(dense: nn.Module, fit: nn.Module, input_shape=(3, 224, 224),
         sample.copy_(torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)))
         onnxruntime = in_torch = int8 = None
         if "onnxruntime" in runtimes:
-            times = _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration, clock)
-            onnxruntime = RuntimeLatency.measured(times[0], times[1], macs_ratio)
+            times, choices = _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration,
+                                               clock, int8_keep_fp32, int8_timer)
+            onnxruntime = RuntimeLatency.measured(times["dense"], times["fit"], macs_ratio)
             if int8_calibration is not None:
-                int8 = Int8Latency.measured(times[2], times[3], onnxruntime.dense_median_ms)
+                int8 = Int8Latency.measured(times.get("dense.int8"), times.get("fit.int8"),
+                                            onnxruntime.dense_median_ms, *choices)
         if "torch" in runtimes:
             in_torch = RuntimeLatency.measured(*_time_torch(dense, fit, sample, threads, warmup, runs, clock),
                                                macs_ratio)
         results.append(BatchLatency(int(batch_size), macs_ratio, onnxruntime, in_torch, int8))
     settings = {"input_shape": [int(size) for size in input_shape], "warmup": int(warmup), "runs": int(runs),
                 "runtimes": list(runtimes), "exporter": exporter, "clock": clock,
-                "int8_calibration_images": len(int8_calibration) if int8_calibration is not None else None}
+                "int8_calibration_images": len(int8_calibration) if int8_calibration is not None else None,
+                "int8_keep_fp32": list(int8_keep_fp32) if int8_keep_fp32 is not None else None}
     return LatencyResult(machine_description(threads), settings, dense_cost, fit_cost, macs_ratio, results)
 
 
@@ -338,7 +407,7 @@ def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -
     int8 = any(row.int8 for row in result.results)
     caption = "latency: median / 90th percentile ms; efficiency: speedup / MAC ratio"
     if int8:
-        caption += "; INT8 rows' speedup: fp32 dense / INT8 fit; " + describe_cpu_flags(result.machine.get("cpu_flags", []))
+        caption += "; INT8 rows: the networks export --int8 writes, speedup fp32 dense / INT8 fit; " + describe_cpu_flags(result.machine.get("cpu_flags", []))
     table = Table(title=title, caption=caption)
     table.add_column("batch", justify="right")
     table.add_column("MAC ratio", justify="right")
@@ -352,10 +421,14 @@ def latency_table(result: LatencyResult, title: str = "Latency, dense vs fit") -
             cells += latency_cells(latency) + [f"{latency.efficiency:.2f}"] if latency else ["-"] * 4
         table.add_row(*cells)
         if row.int8:
-            table.add_row(f"{row.batch_size} INT8", "", f"{row.int8.dense_median_ms:.2f} / {row.int8.dense_p90_ms:.2f}",
-                          f"{row.int8.fit_median_ms:.2f} / {row.int8.fit_p90_ms:.2f}", f"{row.int8.speedup:.2f}x",
-                          *["-"] * 5)
+            table.add_row(f"{row.batch_size} INT8", "", _int8_cell(row.int8.dense_median_ms, row.int8.dense_p90_ms),
+                          _int8_cell(row.int8.fit_median_ms, row.int8.fit_p90_ms),
+                          f"{row.int8.speedup:.2f}x" if row.int8.speedup else "-", *["-"] * 5)
     return table
+
+
+def _int8_cell(median_ms: float | None, p90_ms: float | None) -> str:
+    return f"{median_ms:.2f} / {p90_ms:.2f}" if median_ms is not None else "none"  # no INT8 network beats fp32
 
 
 def latency_cells(latency: RuntimeLatency) -> list[str]:
@@ -396,19 +469,25 @@ def time_interleaved(callables, warmup: int, runs: int, clock: str = "wall") -> 
     return times
 
 
-def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration, clock):
-    """The times of dense and fit, then of INT8 dense and fit when there are calibration images."""
+def _time_onnxruntime(dense, fit, sample, threads, warmup, runs, exporter, int8_calibration, clock, keep_fp32, timer):
+    """The times of each network by name (dense, fit, and the INT8 networks export --int8 would write:
+    dense.int8, fit.int8), and the INT8 choice of dense and fit when there are calibration images."""
     feed = {INPUT_NAME: sample.cpu().numpy()}
-    paths = []
+    paths, choices = {}, []
     with tempfile.TemporaryDirectory() as directory:
         for name, model in (("dense", dense), ("fit", fit)):
-            paths.append(export_onnx(model, Path(directory) / f"{name}.onnx", tuple(sample.shape[1:]),
-                                     sample.shape[0], exporter=exporter))
+            paths[name] = export_onnx(model, Path(directory) / f"{name}.onnx", tuple(sample.shape[1:]),
+                                      sample.shape[0], exporter=exporter)
         if int8_calibration is not None:
-            paths += [quantize_int8(path, path.with_suffix(".int8.onnx"), int8_calibration) for path in paths[:2]]
-        sessions = [onnx_session(path, threads=threads, config=_TIMING_CONFIG) for path in paths]
-    return time_interleaved([lambda session=session: session.run(None, feed) for session in sessions], warmup, runs,
-                            clock)
+            for name in ("dense", "fit"):
+                int8_path = Path(directory) / f"{name}.int8.onnx"
+                choices.append(quantize_no_slower(paths[name], int8_path, int8_calibration, keep_fp32, timer))
+                if choices[-1].written:
+                    paths[f"{name}.int8"] = int8_path
+        sessions = {name: onnx_session(path, threads=threads, config=_TIMING_CONFIG) for name, path in paths.items()}
+    times = time_interleaved([lambda session=session: session.run(None, feed) for session in sessions.values()],
+                             warmup, runs, clock)
+    return dict(zip(sessions, times)), choices
 
 
 def _time_torch(dense, fit, sample, threads, warmup, runs, clock):

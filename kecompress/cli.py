@@ -502,6 +502,10 @@ def _export_options(command):
                           "else the bundled digits]"),
         click.option("--calibration-images", type=POSITIVE, default=CALIBRATION_IMAGES,
                      help="the most images INT8 is calibrated on (a seeded sample)"),
+        click.option("--int8-keep-fp32", "keep_fp32", metavar="KIND,...", default=None,
+                     help=f"--int8: the kinds of convolutions left in fp32 ({', '.join(CONV_KINDS)}; none), written "
+                          f"however fast [default: timed here; {', '.join(LOSING_KINDS)} are kept in fp32 one by one "
+                          "while INT8 runs slower than fp32, and an INT8 network that stays slower is not written]"),
     ]):
         command = option(command)
     return command
@@ -521,10 +525,6 @@ def _export_options(command):
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=MAX_ACCURACY_DROP,
               help="--int8 of a run: refuse when the INT8 fit loses more top-1 accuracy (points) on the run's "
                    "validation data")
-@click.option("--int8-keep-fp32", "keep_fp32", metavar="KIND,...", default=None,
-              help=f"--int8: the kinds of convolutions left in fp32 ({', '.join(CONV_KINDS)}; none), written however "
-                   f"fast [default: timed here; {', '.join(LOSING_KINDS)} are kept in fp32 one by one while INT8 runs "
-                   "slower than fp32, and an INT8 network that stays slower is not written]")
 @_model_options
 def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, exporter, int8, calibration_data,
            calibration_images, max_accuracy_drop, keep_fp32, split_method, rate, align, grouped, num_classes, image_size,
@@ -538,10 +538,7 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
     _refuse_torchrun("export")
     if not onnx_format:
         raise KecompressError("choose an export format: pass --onnx")
-    if keep_fp32 is not None:
-        if not int8:
-            raise KecompressError("--int8-keep-fp32 chooses what INT8 leaves in fp32: pass --int8 too, or drop it")
-        keep_fp32 = check_keep_fp32(keep_fp32)
+    keep_fp32 = _checked_keep_fp32(keep_fp32, int8)
     out = out or (RunDirectory(source).onnx_dir if RunDirectory(source).is_run() else Path(RunDirectory.ONNX))
     if out.exists() and not out.is_dir():
         raise KecompressError(f"--out {out} is a file: pass a directory path")
@@ -573,6 +570,15 @@ def export(source, onnx_format, out, opset, batch_size, dynamic_batch, force, ex
                     else "no validation data: INT8 accuracy not checked (export a run directory to check it)")
         console.print(f"INT8 (QDQ, per-channel, calibrated on {min(calibration_images, len(calibration))} images): "
                       f"{files}; {accuracy}; {describe_cpu_flags(cpu_instruction_sets())}")
+
+
+def _checked_keep_fp32(keep_fp32: str | None, int8: bool) -> tuple[str, ...] | None:
+    """--int8-keep-fp32's kinds, checked; None when not given."""
+    if keep_fp32 is None:
+        return None
+    if not int8:
+        raise KecompressError("--int8-keep-fp32 chooses what INT8 leaves in fp32: pass --int8 too, or drop it")
+    return check_keep_fp32(keep_fp32)
 
 
 def _int8_data(source: str, calibration_data: Path | None, input_shape):
@@ -612,24 +618,30 @@ def _int8_data(source: str, calibration_data: Path | None, input_shape):
 @_export_options
 @_model_options
 def bench(source, batch_sizes, runtimes, threads, warmup, runs, clock, as_json, exporter, int8, calibration_data,
-          calibration_images, split_method, rate, align, grouped, num_classes, image_size, trust_model_file):
+          calibration_images, keep_fp32, split_method, rate, align, grouped, num_classes, image_size, trust_model_file):
     """Measure dense and fit latency of SOURCE on the CPU, interleaved in one process.
 
     SOURCE is a finished run directory, a torchvision architecture name, timm:NAME, or a .pt model file.
     Prints medians, 90th percentiles, the speedup, the MAC ratio and the efficiency; with --int8
-    also the INT8 networks' latency in onnxruntime and the CPU's INT8 instruction sets.
+    also the latency in onnxruntime of the INT8 networks export --int8 writes (the kinds it keeps in
+    fp32, or that no INT8 network beats fp32) and the CPU's INT8 instruction sets.
     """
     _refuse_torchrun("bench")
+    keep_fp32 = _checked_keep_fp32(keep_fp32, int8)
     dense, fit, input_shape, the_split = _dense_and_fit(source, split_method, rate, align, grouped, num_classes, image_size,
                                                         trust_model_file)
     calibration = _int8_data(source, calibration_data, input_shape)[0] if int8 else None
     result = measure_latency(dense, fit, input_shape, batch_sizes, runtimes, threads, warmup, runs, exporter=exporter,
-                             int8_calibration=calibration, calibration_images=calibration_images, clock=clock)
+                             int8_calibration=calibration, calibration_images=calibration_images, clock=clock,
+                             int8_keep_fp32=keep_fp32)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         console.print(describe_split(the_split))
         console.print(latency_table(result, title=f"{source}: dense vs fit"))
+        for row in result.results:
+            for line in row.int8.describe(row.batch_size, row.onnxruntime) if row.int8 else ():
+                console.print(line)
 
 
 @app.command()

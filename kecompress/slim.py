@@ -66,9 +66,52 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
         if kept_indices(mask) is None:
             raise KecompressError(f"the split's mask of '{name}' does not keep whole channels, so no slim network "
                                   "computes it: a KELS mask keeps every entry of a kept channel and none of a reset one")
-    fit = copy.deepcopy(model)
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
+    fit = _cut(model, copy.deepcopy(model), split, example_inputs)
+    _check_cut_matches_masks(model, fit, split)
+    _check_cut_runs(fit, example_inputs)
+    return fit
+
+
+def slice_fit_shape(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
+    """The network :func:`slice_fit` cuts, on the meta device: its shapes without its weights.
+
+    Nothing is copied and nothing computed but shapes, so it is several times faster than
+    :func:`slice_fit`: for counting the fit's MACs and parameters
+    (:func:`kecompress.bench.count_macs_params`, which gives the same counts as for the real fit),
+    as choosing a learned shape does. Unlike :func:`slice_fit` it checks only that every cut
+    parameter keeps as many entries as its mask (not which ones), and does not run the network.
+
+    Example:
+        >>> import torch, torchvision, kecompress
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> s = kecompress.split(model, "kels", 0.5, example_inputs=torch.randn(1, 3, 32, 32))
+        >>> shape = slice_fit_shape(model, s, example_inputs=torch.randn(1, 3, 32, 32))
+        >>> shape.conv1.weight.device.type, shape.conv1.out_channels, shape.fc.in_features
+        ('meta', 32, 256)
+    """
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    # deepcopy takes each tensor from the memo: the copy's parameters and buffers are weightless meta tensors
+    memo = {id(tensor): _on_meta(tensor) for tensor in [*model.parameters(), *model.buffers()]}
+    dense = copy.deepcopy(model, memo)
+    inputs = example_inputs.to("meta") if isinstance(example_inputs, torch.Tensor) else \
+        type(example_inputs)(tensor.to("meta") for tensor in example_inputs)
+    fit = _cut(dense, copy.deepcopy(dense), split, inputs)
+    for name, param in fit.named_parameters():
+        if param.numel() != int(split.masks[name].sum()):
+            raise _uncuttable_mask(name)
+    return fit
+
+
+def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    meta = tensor.detach().to("meta")
+    return nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+
+
+def _cut(model: nn.Module, fit: nn.Module, split: Split, example_inputs) -> nn.Module:
+    """Cut ``fit``, a copy of ``model``, down to the split's kept channels, in place."""
     graph = trace_dependency_graph(fit, example_inputs)
     # Every group is read before any is cut: the masks number the channels of the uncut model.
     cuts = [(group.items[0], [channel for channel in range(len(group.items[0].idxs)) if channel not in kept])
@@ -77,8 +120,6 @@ def slice_fit(model: nn.Module, split: Split, example_inputs=None) -> nn.Module:
         graph.get_pruning_group(root.dep.target.module, root.dep.handler, reset).prune(record_history=False)
     _keep_whole_groups(model, fit, split)
     resize_heads(fit)
-    _check_cut_matches_masks(model, fit, split)
-    _check_cut_runs(fit, example_inputs)
     return fit
 
 
@@ -168,8 +209,12 @@ def _check_cut_matches_masks(model: nn.Module, fit: nn.Module, split: Split) -> 
     dense = dict(model.named_parameters())
     for name, param in fit.named_parameters():
         if not torch.equal(dense[name].detach()[split.masks[name]], param.detach().flatten()):
-            raise KecompressError(f"the split's mask of '{name}' resets entries that slicing cannot cut (the "
-                                  "model's input channels, say, which belong to no coupled group): keep them in the fit")
+            raise _uncuttable_mask(name)
+
+
+def _uncuttable_mask(name: str) -> KecompressError:
+    return KecompressError(f"the split's mask of '{name}' resets entries that slicing cannot cut (the "
+                           "model's input channels, say, which belong to no coupled group): keep them in the fit")
 
 
 def fit_network(model: nn.Module, split: Split, train_loader=None, *, fit_batchnorm: str = "re-estimated",

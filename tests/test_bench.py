@@ -87,7 +87,8 @@ def test_the_thread_clock_is_the_one_read(resnet18_pair, monkeypatch):
 
 @pytest.mark.parametrize("settings", [{"runtimes": ("tensorrt",)}, {"runs": 0}, {"threads": 0},
                                       {"warmup": -1}, {"batch_sizes": ()}, {"batch_sizes": (0,)},
-                                      {"clock": "cpu"}, {"clock": "thread", "threads": 2}])
+                                      {"clock": "cpu"}, {"clock": "thread", "threads": 2},
+                                      {"int8_keep_fp32": ("depthwise",)}])
 def test_bad_settings_are_user_errors(settings, resnet18_pair):
     with pytest.raises(KecompressError):
         measure_latency(*resnet18_pair, (3, 32, 32), **settings)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import onnxruntime as ort
 import pytest
@@ -87,7 +88,7 @@ def test_quantize_pair_refusal_leaves_the_fp32_files_alone(tmp_path, monkeypatch
         ["dense.int8.onnx", "fit.int8.onnx"]
 
 
-def test_bench_int8_json_has_the_int8_speedup_beside_the_fp32_one(trained_run, capsys):
+def test_bench_int8_json_has_the_int8_speedup_beside_the_fp32_one(trained_run, capsys, int8_wins):
     status, stdout, err = run(capsys, "bench", trained_run, "--int8", "--json", "--runtime", "onnxruntime",
                               "--exporter", "torchscript", "--calibration-images", "8", "--warmup", "0", "--runs", "2")
     assert status == 0, err
@@ -96,6 +97,7 @@ def test_bench_int8_json_has_the_int8_speedup_beside_the_fp32_one(trained_run, c
     assert row["int8_ort_speedup"] > 0 and row["ort_speedup"] > 0 and row["ort_int8_fit_median_ms"] > 0
     assert row["int8_ort_speedup"] == pytest.approx(row["ort_dense_median_ms"] / row["ort_int8_fit_median_ms"])
     assert result["settings"]["int8_calibration_images"] == 8 and "cpu_flags" in result["machine"]
+    assert row["ort_int8_fit_written"] and row["ort_int8_fit_kept_fp32"] == []  # INT8 won with every kind quantised
 
 
 def test_calibration_folder_of_an_untrained_model(tmp_path, capsys, int8_wins):
@@ -215,3 +217,58 @@ def test_a_bad_int8_keep_fp32_is_one_line(argv, message, tmp_path, capsys):
                          "--out", tmp_path / "onnx")
     assert status == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "onnx").exists()
+
+
+def test_bench_times_the_int8_networks_export_writes(capsys, monkeypatch):
+    # the same rule as export: INT8 loses until the depthwise convolutions stay in fp32
+    monkeypatch.setattr(quantize, "time_fp32_int8", slower_unless_depthwise_is_fp32)
+    argv = ["bench", "mobilenet_v3_small", "--input-size", "32", "--int8", "--runtime", "onnxruntime",
+            "--exporter", "torchscript", "--calibration-images", "4", "--warmup", "0", "--runs", "2"]
+    status, stdout, err = run(capsys, *argv)
+    assert status == 0, err
+    printed = " ".join(stdout.split())
+    for name in ("dense", "fit"):
+        assert re.search(rf"batch 1 INT8 {name}: [\d.]+ ms against fp32 [\d.]+ ms, [\d.]+x its speed "
+                         r"\(export's check: 1.25x\), depthwise convolutions kept in fp32", printed), printed
+    status, stdout, err = run(capsys, *argv, "--json")
+    assert status == 0, err
+    row = json.loads(stdout)["results"][0]
+    for name in ("dense", "fit"):
+        assert row[f"ort_int8_{name}_written"] and row[f"ort_int8_{name}_kept_fp32"] == ["depthwise"]
+        assert row[f"ort_int8_{name}_median_ms"] > 0 and row[f"ort_int8_{name}_check_speedup"] == 1.25
+    assert row["int8_ort_speedup"] == pytest.approx(row["ort_dense_median_ms"] / row["ort_int8_fit_median_ms"])
+
+
+def test_bench_says_when_no_int8_network_beats_fp32_and_times_none(capsys, monkeypatch):
+    timed = []
+    monkeypatch.setattr(quantize, "time_fp32_int8", lambda fp32, int8, x: timed.append(int8.name) or (1.0, 2.0))
+    status, stdout, err = run(capsys, "bench", "mobilenet_v3_small", "--input-size", "32", "--int8",
+                              "--runtime", "onnxruntime", "--exporter", "torchscript", "--calibration-images", "4",
+                              "--warmup", "0", "--runs", "2")
+    assert status == 0, err
+    printed = " ".join(stdout.split())
+    for name in ("dense", "fit"):  # keeping a kind in fp32 did not help: the best is every kind quantised
+        assert (f"batch 1 INT8 {name}: none, no INT8 network beats fp32 on this CPU (at best 0.50x its speed, with "
+                "every kind quantised): export --int8 writes none, so none is timed") in printed
+    # each losing kind the networks have was tried, one after the other, as export tries them
+    assert timed == ["all.int8.onnx", "depthwise.int8.onnx", "squeeze-excitation.int8.onnx",
+                     "small-1x1.int8.onnx"] * 2
+
+
+def test_bench_int8_keep_fp32_overrides_the_timing(capsys, monkeypatch):
+    monkeypatch.setattr(quantize, "time_fp32_int8", lambda fp32, int8, x: (1.0, 2.0))  # slower: timed all the same
+    status, stdout, err = run(capsys, "bench", "mobilenet_v3_small", "--input-size", "32", "--int8", "--json",
+                              "--int8-keep-fp32", "squeeze-excitation", "--runtime", "onnxruntime",
+                              "--exporter", "torchscript", "--calibration-images", "4", "--warmup", "0", "--runs", "2")
+    assert status == 0, err
+    result = json.loads(stdout)
+    row = result["results"][0]
+    assert row["ort_int8_fit_kept_fp32"] == ["squeeze-excitation"] and row["ort_int8_fit_median_ms"] > 0
+    assert result["settings"]["int8_keep_fp32"] == ["squeeze-excitation"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--int8", "--int8-keep-fp32", "wide"], "'wide'"),
+                                           (["--int8-keep-fp32", "depthwise"], "pass --int8 too")])
+def test_a_bad_bench_int8_keep_fp32_is_one_line(argv, message, capsys):
+    status, _, err = run(capsys, "bench", "resnet18", "--input-size", "32", *argv)
+    assert status == 2 and err.count("\n") == 1 and message in err, err

@@ -182,3 +182,27 @@ def test_a_grouped_conv_slices_to_whole_or_narrowed_groups_and_equals_the_masked
         got = fit(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     assert sum(p.numel() for p in fit.parameters()) == s.fit_count()
+
+
+@pytest.mark.parametrize("name, grouped", [("resnet50", "whole-groups"), ("mobilenet_v3_small", "whole-groups"),
+                                           ("densenet121", "whole-groups"), ("resnext50_32x4d", "whole-groups"),
+                                           ("regnet_y_400mf", "narrow")])
+def test_the_weightless_shape_counts_the_same_macs_and_parameters_as_the_sliced_fit(name, grouped):
+    from kecompress.bench import count_macs_params
+    model = build(name)
+    x = example_input(name)
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x, grouped=grouped)
+    shape = kecompress.slim.slice_fit_shape(model, s, example_inputs=x)
+    assert {p.device.type for p in shape.parameters()} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # the model is left as it was
+    assert count_macs_params(shape, tuple(x.shape[1:])) == \
+        count_macs_params(kecompress.slice_fit(model, s, example_inputs=x), tuple(x.shape[1:]))
+
+
+def test_the_weightless_shape_refuses_a_mask_slicing_cannot_cut():
+    model = build("resnet18")
+    x = example_input("resnet18")
+    s = kecompress.split(model, "kels", 0.5, example_inputs=x)
+    s.masks["conv1.weight"][:, 0] = False  # the model's input channel, in no coupled group
+    with pytest.raises(KecompressError, match="'conv1.weight' resets entries that slicing cannot cut"):
+        kecompress.slim.slice_fit_shape(model, s, example_inputs=x)
