@@ -552,10 +552,11 @@ def comparisons(results: dict) -> list[tuple[str, str, str]]:
     return lines
 
 
-def with_earlier_arms(results: dict, settings: dict, earlier_file: Path) -> dict:
+def with_earlier_arms(results: dict, settings: dict, seeds: list[int], earlier_file: Path) -> dict:
     """``results`` with the arms of ``earlier_file`` (a data set's JSON, as this script writes it)
     that this run did not measure, when that file was measured with the very same settings (data,
-    model, epochs, versions, job format): a new arm joins a table without retraining the others.
+    model, epochs, versions, job format) and has every one of ``seeds``, taken for those seeds alone
+    (differences are paired seed by seed): a new arm joins a table without retraining the others.
     Each arm carries the date it was measured on.
 
     Example:
@@ -564,20 +565,24 @@ def with_earlier_arms(results: dict, settings: dict, earlier_file: Path) -> dict
         >>> earlier = Path(tempfile.mkdtemp()) / "digits.json"
         >>> save_json({"arms": {"a": {"per_seed": [row]}, "b": {"per_seed": [row]}},
         ...            "measured": {"settings": {"lr": 0.1}, "date": "2026-11-30"}}, earlier)
-        >>> sorted(with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.1}, earlier)["arms"])
+        >>> sorted(with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.1}, [0], earlier)["arms"])
         ['a', 'b']
-        >>> with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.2}, earlier)["arms"]["b"]["date"]
-        Traceback (most recent call last):
-        ...
-        KeyError: 'date'
+        >>> sorted(with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.2}, [0], earlier)["arms"])
+        ['b']
+        >>> sorted(with_earlier_arms({"arms": {"b": {"per_seed": [row]}}}, {"lr": 0.1}, [0, 1], earlier)["arms"])
+        ['b']
     """
     if not earlier_file.is_file():
         return results
     earlier = json.loads(earlier_file.read_text())
     if earlier["measured"]["settings"] != settings:
         return results
-    arms = {arm: {"date": earlier["measured"]["date"], **entry} for arm, entry in earlier["arms"].items()
-            if arm not in results["arms"]}
+    arms = {}
+    for arm, entry in earlier["arms"].items():
+        rows = {row["seed"]: row for row in entry["per_seed"]}
+        if arm not in results["arms"] and all(seed in rows for seed in seeds):
+            arms[arm] = {"date": entry.get("date", earlier["measured"]["date"]),
+                         "per_seed": [rows[seed] for seed in seeds]}
     return {**results, "arms": {**arms, **results["arms"]}}
 
 
@@ -771,7 +776,7 @@ def main(argv=None) -> int:
     results = results_json(jobs, args.arms, args.seeds)
     scoreboard = args.out_dir / "scoreboard"
     if not args.question:
-        results = with_earlier_arms(results, settings, scoreboard / f"{args.name}.json")
+        results = with_earlier_arms(results, settings, args.seeds, scoreboard / f"{args.name}.json")
         results["arms"] = dict(sorted(results["arms"].items(), key=lambda item: ARM_ORDER.index(item[0])))
     results["recommended"] = recommend(results)
     first = jobs[args.arms[0], args.seeds[0]]
