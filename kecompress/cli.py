@@ -205,8 +205,9 @@ def evolve(model, split_method, rate, align, grouped, generations, epochs, data,
     network trained from scratch best or tied-best on three of its four tables (--fit-only
     --generations 1, all the epochs in --epochs): KE's fit, distilled in place (--distill-fit) or
     fine-tuned (--finetune-fit E), tied or lost to it at about four times the training cost. For
-    the dense network, --forget shrink-perturb was best on three of the four. KE stays the
-    default, the method this tool implements.
+    the dense network, --forget shrink-perturb was best on three of the four. A learned shape
+    (--fit-only --select bn-scale --widths global --shape-epochs N) tied it on the digits and lost
+    on Animal-Shape. KE stays the default, the method this tool implements.
 
     Under torchrun (e.g. torchrun --nproc_per_node 2 -m kecompress evolve MODEL ...) it trains
     with DistributedDataParallel, one process per GPU or per group of CPU cores: every rank
