@@ -102,10 +102,9 @@ from kecompress.config import RunConfig, TrainingConfig
 from kecompress.distillation import FitDistillation
 from kecompress.edge_popup import found_network
 from kecompress.files import atomic_path, save_json
-from kecompress.finetune import FinetuneStep, FitFinetuning
+from kecompress.finetune import FitFinetuning
 from kecompress.forgetting import from_settings, settings_of
 from kecompress.split import check_rate
-from kecompress.training import EpochLoop
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 KELS_ARMS = ("ke", "ke-distill", "ke-finetune", "llf", "shrink-perturb", "warm-restart", "long", "long-distill",
@@ -190,15 +189,6 @@ def seed_data(settings: dict, seed: int):
 
 
 # --- the arms ------------------------------------------------------------------------------
-
-def with_teacher(loop, teacher: nn.Module, distillation: FitFinetuning):
-    """``loop`` (a network of its own, e.g. fit-sized) learning in every step from ``teacher``'s
-    predictions too, with ``distillation``'s loss; the teacher frozen, in eval mode."""
-    teacher.to(loop.device).eval().requires_grad_(False)
-    loop.step = FinetuneStep(loop.model, teacher, distillation, loop.loss_fn, loop.amp, loop.device)
-    loop.epochs = EpochLoop(loop, loop.model, loop.step)
-    return loop
-
 
 class MagnitudeRewind:
     """Iterative magnitude pruning with rewinding as a forgetting strategy: before each generation
@@ -335,7 +325,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
             teacher_job = json.loads(Path(teacher_file).with_suffix(".json").read_text())
         student = build(1, total, fit_only=True)  # what `kecompress evolve --fit-only` trains
         if arm == "small-kd":
-            with_teacher(student, teacher, SMALL_KD)
+            experiment.learn_from(student, teacher, SMALL_KD)
             extra["teacher_seconds"] = teacher_job["seconds"]
         [record] = student.run()
         dense, fit = None, record.dense
@@ -349,7 +339,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
                 dense_macs, fit_macs = forward_macs(build(1, e))
             student = build(1, e, seed_=seed + 1000 * (generation - 1), fit_only=True)  # its own start and data order
             if previous is not None:
-                with_teacher(student, previous, BORN_AGAIN)
+                experiment.learn_from(student, previous, BORN_AGAIN)
             [record] = student.run()
             previous = student.model
         dense, fit = None, record.dense
@@ -399,7 +389,7 @@ def run_job(arm: str, seed: int, settings: dict, teacher_file: str | None = None
         student = build(1, total, fit_only=True, **LEARNED_SHAPE, shape_epochs=e)  # --fit-only --shape-epochs E
         fit_macs, _ = count_macs_params(student.model, student.input_shape)
         if arm == "learned-kd":
-            with_teacher(student, teacher, SMALL_KD)
+            experiment.learn_from(student, teacher, SMALL_KD)
             extra["teacher_seconds"] = teacher_job["seconds"]
         [record] = student.run()
         dense, fit = None, record.dense
