@@ -393,15 +393,15 @@ def write_report(path: Path, lines: Sequence[str]) -> None:
 
 
 # -- statistics over seeds -----------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], decimals: int = 1) -> str:
     """Fractions as percent, mean ± standard deviation over the seeds.
 
     Example:
-        >>> mean_std([0.5, 0.7])
-        '60.0 ± 14.1'
+        >>> mean_std([0.5, 0.7]), mean_std([0.9, 0.96], decimals=2)
+        ('60.0 ± 14.1', '93.00 ± 4.24')
     """
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+    return f"{100 * statistics.fmean(values):.{decimals}f} ± {100 * spread:.{decimals}f}"
 
 
 def paired(values: list[float], baseline: list[float]) -> tuple[str, str]:

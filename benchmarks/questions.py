@@ -94,14 +94,13 @@ class GenerationProbe(Callback):
 # --- generations -------------------------------------------------------------------------
 
 def points(values: list[float]) -> str:
-    """Accuracies (fractions) as 'mean ± std' in percentage points.
+    """Accuracies (fractions) as 'mean ± std' in percentage points, to two decimals.
 
     Example:
         >>> points([0.9, 0.96])
         '93.00 ± 4.24'
     """
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * spread:.2f}"
+    return mean_std(values, decimals=2)
 
 
 def summarise(jobs: dict, seeds: list[int], generations: int) -> dict:

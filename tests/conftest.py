@@ -5,6 +5,7 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -14,6 +15,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+import kecompress  # noqa: E402
 from kecompress.errors import KecompressError  # noqa: E402
 
 torch.set_num_threads(1)
@@ -147,3 +149,20 @@ def small_evolution(run_dir=None, generations: int = 2, **options):
     train, val = loaders()
     return Evolution(model, the_split, train, val, TrainingConfig(generations=generations, epochs=2, lr=0.05, seed=4),
                      run_dir=run_dir, **options)
+
+
+def strip(history):
+    """The records without their wall time, which differs from run to run."""
+    return [dataclasses.replace(record, seconds=None) for record in history]
+
+
+class StopAtStep(kecompress.Callback):
+    """Asks the loop to stop (as Ctrl-C does) after its ``step``-th training step."""
+
+    def __init__(self, step):
+        self.step, self.steps = step, 0
+
+    def on_step_end(self, loop, loss, samples):
+        self.steps += 1
+        if self.steps == self.step:
+            loop.request_stop()

@@ -13,7 +13,7 @@ from kecompress.distillation import FitDistillation, FitPass
 from kecompress.interrupt import RunInterrupted
 from kecompress.rundir import RunDirectory, load_fit
 
-from conftest import build, loaders, randomise_batchnorm, small_cnn, small_evolution
+from conftest import StopAtStep, build, loaders, randomise_batchnorm, small_cnn, small_evolution, strip
 
 ARCHS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn", "regnet_x_400mf"]
 
@@ -87,20 +87,6 @@ def test_the_wels_fit_pass_is_the_masked_dense_network():
     for name, param in model.named_parameters():
         if name in split.masks:
             assert param.grad[split.masks[name]].any() and not param.grad[~split.masks[name]].any()
-
-
-class StopAtStep(kecompress.Callback):
-    def __init__(self, step):
-        self.step, self.steps = step, 0
-
-    def on_step_end(self, loop, loss, samples):
-        self.steps += 1
-        if self.steps == self.step:
-            loop.request_stop()
-
-
-def strip(history):
-    return [dataclasses.replace(record, seconds=None) for record in history]
 
 
 @pytest.mark.parametrize("options, stop_at", [

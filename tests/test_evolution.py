@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import os
 import signal
@@ -14,12 +13,7 @@ from kecompress.evaluation import accuracy, evaluate
 from kecompress.interrupt import RunInterrupted
 from kecompress.prune import fit_hypothesis
 
-from conftest import loaders, small_cnn
-
-
-def strip(history):
-    """The records without their wall time, which differs from run to run."""
-    return [dataclasses.replace(record, seconds=None) for record in history]
+from conftest import loaders, small_cnn, strip
 
 
 class Snapshots(Callback):

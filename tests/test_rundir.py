@@ -15,16 +15,12 @@ from kecompress.cli import main
 from kecompress.interrupt import RunInterrupted
 from kecompress.rundir import RATE_RULE_FIT_FORMAT, RunDirectory, load_fit, read_metrics, save_fit
 
-from conftest import build, example_input, randomise_batchnorm, small_evolution
+from conftest import build, example_input, randomise_batchnorm, small_evolution, strip
 
 LANDED = Path(__file__).parent / "data" / "landed"
 # The command that made data/landed/landed_cli_run, killed after its first generation (README there).
 LANDED_CLI = ["evolve", "tiny.pt", "--image-size", "12", "--generations", "2", "--epochs", "2", "--batch-size", "256",
               "--lr", "0.05", "--seed", "3"]
-
-
-def strip(history):
-    return [dataclasses.replace(record, seconds=None) for record in history]
 
 
 def same_run(left: Path, right: Path) -> bool:

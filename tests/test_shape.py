@@ -1,7 +1,6 @@
 """Learned KELS fits (kecompress.shape): channels chosen by importance, global widths to a MAC
 budget, chosen during a run and resumed, and that shape trained from scratch."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from kecompress.rundir import RunDirectory
 from kecompress.shape import Selection, learned_split
 from kecompress.split import groups_from_masks, trace_dependency_graph
 
-from conftest import build, error, randomise_batchnorm, small_evolution, zero_reset_hypothesis
+from conftest import StopAtStep, build, error, randomise_batchnorm, small_evolution, strip, zero_reset_hypothesis
 
 FAST = ["--generations", "2", "--epochs", "1", "--batch-size", "64"]
 
@@ -108,20 +107,6 @@ def test_the_split_records_how_it_was_chosen_and_old_splits_read_as_the_papers(t
     assert (again.select, again.widths, again.fit_macs) == ("magnitude", "global", 0.5)
     old = {key: value for key, value in split.to_dict().items() if key not in ("select", "widths", "fit_macs")}
     assert (kecompress.Split.from_dict(old).select, kecompress.Split.from_dict(old).widths) == ("first", "uniform")
-
-
-class StopAtStep(kecompress.Callback):
-    def __init__(self, step):
-        self.step, self.steps = step, 0
-
-    def on_step_end(self, loop, loss, samples):
-        self.steps += 1
-        if self.steps == self.step:
-            loop.request_stop()
-
-
-def strip(history):
-    return [dataclasses.replace(record, seconds=None) for record in history]
 
 
 @pytest.mark.parametrize("stop_at", [7, 13])  # inside generation 1 (before the choice) and 2 (after it)
